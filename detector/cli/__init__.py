@@ -1,0 +1,18 @@
+"""The ``detector`` console command: ``detector train|val|detect|export [flags]``, same flags as the scripts."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+TASKS = ("train", "val", "detect", "export")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in TASKS:
+        print(f"usage: detector {{{','.join(TASKS)}}} [flags]   (detector TASK --help lists a task's flags)")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(f"detector.cli.{argv[0]}")
+    return module.main(argv[1:])

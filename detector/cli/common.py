@@ -1,0 +1,50 @@
+"""What every command-line entry point shares: flag parsing into config overrides, and clean error exits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from detector.errors import DetectorError
+from detector.utils.logging import setup_logging
+
+LOGGER = logging.getLogger("detector")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default and keeps the description's line breaks."""
+
+
+def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser whose unset flags are absent from the result, so only what the user typed overrides the config.
+
+    Defaults shown in ``--help`` are passed per flag with ``help=... (default: X)`` text by the callers, since
+    argparse's own defaults are suppressed here.
+    """
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
+    """The flags present on the command line, as a dict keyed by config field name."""
+    return vars(parser.parse_args(argv))
+
+
+def run_cli(main: Callable[[], int | None]) -> int:
+    """Run an entry point: user errors become one ``error:`` line and exit status 2, Ctrl-C exits 130."""
+    setup_logging()
+    try:
+        return int(main() or 0)
+    except DetectorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

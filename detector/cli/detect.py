@@ -1,0 +1,135 @@
+"""``detect.py``: YOLOv5's detection flags -> DetectConfig -> :func:`detector.engine.predictor.run_detect`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from detector.cli.common import given_flags, new_parser, run_cli
+from detector.config import DetectConfig, build_config
+from detector.engine.sources import open_source
+
+DESCRIPTION = """Detect objects in images, videos, folders, webcams and streams; YOLOv5's flags.
+
+sources:
+  --source img.jpg | folder/ | 'images/*.jpg' | list.txt | video.mp4 | 0 (webcam) | rtsp://... | list.streams
+examples:
+  python detect.py --weights yolov5n.pt --source data/images            # annotated copies in runs/detect/exp
+  python detect.py --weights best.onnx --source video.mp4 --vid-stride 2  # every 2nd frame, re-encoded mp4
+  python detect.py --weights best.pt --source img.jpg --save-txt --save-conf --nosave   # YOLO label files only
+  python detect.py --weights yolov5n_openvino_model --source 0 --view-img            # webcam, on screen
+"""
+
+DEFAULTS = DetectConfig()
+
+
+def _default(name: str) -> str:
+    value = getattr(DEFAULTS, name)
+    shown = " ".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+    return f" (default: {shown})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The detect.py parser: every flag shows its default; absent flags do not override the config."""
+    parser = new_parser("detect.py", DESCRIPTION)
+    add = parser.add_argument
+    add(
+        "--weights",
+        type=str,
+        help="model: .pt (ours or YOLOv5's), .torchscript, .onnx, *_openvino_model/, .engine" + _default("weights"),
+    )
+    add(
+        "--source",
+        type=str,
+        help="image, folder, glob, .txt list, video, webcam index, rtsp/rtmp/http URL or .streams list"
+        + _default("source"),
+    )
+    add("--data", type=str, help="dataset YAML for class names when the weights store none" + _default("data"))
+    add(
+        "--imgsz",
+        "--img",
+        "--img-size",
+        nargs="+",
+        type=int,
+        dest="imgsz",
+        help="inference size: one number, or height width" + _default("imgsz"),
+    )
+    add("--conf-thres", type=float, dest="conf_thres", help="confidence threshold" + _default("conf_thres"))
+    add("--iou-thres", type=float, dest="iou_thres", help="NMS IoU threshold" + _default("iou_thres"))
+    add("--max-det", type=int, dest="max_det", help="maximum detections per image" + _default("max_det"))
+    add("--device", type=str, help="cuda device, i.e. 0 or cpu; '' = CUDA 0 if present, else CPU" + _default("device"))
+    add("--view-img", action="store_true", dest="view_img", help="show results in a window" + _default("view_img"))
+    add("--save-txt", action="store_true", dest="save_txt", help="save YOLO label files" + _default("save_txt"))
+    add(
+        "--save-conf",
+        action="store_true",
+        dest="save_conf",
+        help="add confidences to --save-txt labels" + _default("save_conf"),
+    )
+    add(
+        "--save-crop",
+        action="store_true",
+        dest="save_crop",
+        help="save each detection's crop to crops/<class>/" + _default("save_crop"),
+    )
+    add("--nosave", action="store_true", help="do not save annotated images/videos" + _default("nosave"))
+    add(
+        "--classes",
+        nargs="+",
+        type=int,
+        help="keep only these class ids, e.g. --classes 0 or --classes 0 2 3 (default: all)",
+    )
+    add(
+        "--agnostic-nms",
+        action="store_true",
+        dest="agnostic_nms",
+        help="class-agnostic NMS" + _default("agnostic_nms"),
+    )
+    add("--augment", action="store_true", help="test-time augmentation (scales + flip)" + _default("augment"))
+    add("--project", type=str, help="save results to project/name" + _default("project"))
+    add("--name", type=str, help="save results to project/name" + _default("name"))
+    add(
+        "--exist-ok",
+        action="store_true",
+        dest="exist_ok",
+        help="reuse an existing project/name, do not increment" + _default("exist_ok"),
+    )
+    add(
+        "--line-thickness",
+        type=int,
+        dest="line_thickness",
+        help="bounding box thickness in pixels" + _default("line_thickness"),
+    )
+    add("--hide-labels", action="store_true", dest="hide_labels", help="draw boxes only" + _default("hide_labels"))
+    add(
+        "--hide-conf",
+        action="store_true",
+        dest="hide_conf",
+        help="labels without confidences" + _default("hide_conf"),
+    )
+    add("--half", action="store_true", help="FP16 half-precision inference (CUDA only)" + _default("half"))
+    add(
+        "--vid-stride",
+        type=int,
+        dest="vid_stride",
+        help="keep every n-th video/stream frame" + _default("vid_stride"),
+    )
+    return parser
+
+
+def build_detect_config(argv: Sequence[str] | None = None) -> DetectConfig:
+    """DetectConfig from defaults <- the flags typed on the command line."""
+    return build_config(DetectConfig, ("command line", given_flags(build_parser(), argv)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def detect() -> int:
+        config = build_detect_config(argv)
+        # The source is opened before torch is even imported, so a mistyped path fails in a fraction of a second.
+        source = open_source(config.source, config.vid_stride)
+        from detector.engine.predictor import run_detect
+
+        run_detect(config, source)
+        return 0
+
+    return run_cli(detect)

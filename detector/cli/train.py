@@ -1,0 +1,206 @@
+"""``train.py``: YOLOv5's training flags -> TrainConfig -> Trainer (or a self-launched DDP group).
+
+Values merge as defaults <- ``--config`` YAML <- ``--hyp`` YAML (into ``hyp``) <- flags typed here; with
+``--resume`` the run's saved config replaces the defaults and only the flags in
+:data:`detector.engine.trainer.SAFE_RESUME_KEYS` may change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import typing
+from collections.abc import Sequence
+from typing import get_args
+
+from detector.cli.common import given_flags, new_parser, run_cli
+from detector.config import TrainConfig
+from detector.utils.torch_utils import device_ids
+
+DESCRIPTION = """Train a detector on a dataset YAML (or the built-in dataset), YOLOv5's flags.
+
+examples:
+  python train.py                                              # yolov5n on the built-in dataset, CPU-friendly
+  python train.py --data coco128.yaml --weights yolov5n.pt --img 320 --epochs 3    # fine-tune
+  python train.py --data my.yaml --cfg yolov5s.yaml --epochs 100 --batch-size 32  # from scratch
+  python train.py --resume                                     # continue the latest run (or --resume path/last.pt)
+  python train.py --resume runs/train/exp/weights/last.pt --epochs 200             # extend a finished run
+  torchrun --nproc_per_node 2 train.py --device 0,1 ...       # DDP (train.py --device 0,1 launches it itself)
+  torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 train.py ...
+"""
+
+DEFAULTS = TrainConfig()
+
+
+def _default(name: str) -> str:
+    value = getattr(DEFAULTS, name)
+    return f" (default: {value!r})" if not isinstance(value, tuple) else f" (default: {' '.join(map(str, value))})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The train.py parser: every flag shows its default; absent flags do not override the config."""
+    parser = new_parser("train.py", DESCRIPTION)
+    add = parser.add_argument
+    add(
+        "--weights",
+        type=str,
+        help="initial weights: our .pt or a YOLOv5 release .pt; '' = from scratch" + _default("weights"),
+    )
+    add(
+        "--cfg",
+        type=str,
+        help="model YAML (name in configs/models or a path); '' = from --weights, else yolov5n.yaml" + _default("cfg"),
+    )
+    add("--data", type=str, help="dataset YAML; '' = the built-in synthetic dataset" + _default("data"))
+    add(
+        "--hyp",
+        type=str,
+        help="hyperparameter YAML (name in configs/hyps or a path) (default: built-in hyp.scratch-low values)",
+    )
+    add(
+        "--config",
+        type=str,
+        help="TrainConfig YAML with any of these options (see configs/default.yaml) (default: none)",
+    )
+    add("--epochs", type=int, help="epochs to train (default: 100, or the built-in dataset's CPU-friendly number)")
+    add(
+        "--batch-size",
+        type=int,
+        dest="batch_size",
+        help="total batch size over all DDP processes" + _default("batch_size"),
+    )
+    add(
+        "--imgsz",
+        "--img",
+        "--img-size",
+        type=int,
+        dest="imgsz",
+        help="train/val image size in pixels (default: 640, or the built-in dataset's)",
+    )
+    add("--rect", action="store_true", help="rectangular training batches (no mosaic) (default: False)")
+    add("--resume", nargs="?", const="auto", type=str, help="resume the latest run, or the given last.pt (default: no)")
+    add("--nosave", action="store_true", help="only save the final checkpoint (default: False)")
+    add("--noval", action="store_true", help="only validate after the final epoch (default: False)")
+    add("--noautoanchor", action="store_true", help="skip the AutoAnchor check (default: False)")
+    add("--noplots", action="store_true", help="save no plot files (default: False)")
+    add(
+        "--cache",
+        nargs="?",
+        const="ram",
+        choices=["ram", "disk"],
+        help="cache images in 'ram' (bare --cache) or on 'disk' (default: no cache)",
+    )
+    add(
+        "--image-weights",
+        action="store_true",
+        dest="image_weights",
+        help="weighted image sampling by per-class mAP (default: False)",
+    )
+    add("--device", type=str, help="cuda device, i.e. 0 or 0,1,2,3 or cpu; '' = CUDA 0 if present" + _default("device"))
+    add(
+        "--multi-scale",
+        action="store_true",
+        dest="multi_scale",
+        help="vary image size +/- 50%% per batch (default: False)",
+    )
+    add(
+        "--single-cls",
+        action="store_true",
+        dest="single_cls",
+        help="train multi-class data as single-class (default: False)",
+    )
+    add("--optimizer", choices=_choices("optimizer"), help="optimizer" + _default("optimizer"))
+    add("--sync-bn", action="store_true", dest="sync_bn", help="SyncBatchNorm, DDP on CUDA only (default: False)")
+    add(
+        "--workers", type=int, help="max dataloader workers per DDP process (capped by CPU count)" + _default("workers")
+    )
+    add("--project", type=str, help="save to project/name" + _default("project"))
+    add("--name", type=str, help="save to project/name" + _default("name"))
+    add(
+        "--exist-ok",
+        action="store_true",
+        dest="exist_ok",
+        help="existing project/name ok, do not increment (default: False)",
+    )
+    add("--quad", action="store_true", help="quad dataloader (default: False)")
+    add("--cos-lr", action="store_true", dest="cos_lr", help="cosine learning-rate decay (default: False, linear)")
+    add(
+        "--label-smoothing",
+        type=float,
+        dest="label_smoothing",
+        help="label smoothing epsilon" + _default("label_smoothing"),
+    )
+    add(
+        "--patience",
+        type=int,
+        help="early stopping patience in epochs without improvement (0 = never)" + _default("patience"),
+    )
+    add(
+        "--freeze",
+        nargs="+",
+        type=int,
+        help="freeze the first N layers (one number) or the listed layer indices (default: 0)",
+    )
+    add(
+        "--save-period",
+        type=int,
+        dest="save_period",
+        help="also save a checkpoint every N epochs (-1 = never)" + _default("save_period"),
+    )
+    add("--seed", type=int, help="global training seed" + _default("seed"))
+    add(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        dest="local_rank",
+        help="set by torch.distributed.launch; prefer torchrun (default: -1)",
+    )
+    add(
+        "--class-weights",
+        action="store_true",
+        dest="class_weights",
+        help="weight the class loss by inverse class frequency (default: False)",
+    )
+    add(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms: bit-exact repeatable runs, slower (default: False)",
+    )
+    add(
+        "--amp",
+        choices=_choices("amp"),
+        help="mixed precision: auto = fp16 on CUDA if its check passes; bf16 also on CPU" + _default("amp"),
+    )
+    return parser
+
+
+def _choices(name: str) -> list[str]:
+    """The values a Literal-typed TrainConfig field accepts (e.g. the optimizers)."""
+    return list(get_args(typing.get_type_hints(TrainConfig)[name]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(lambda: train_from_flags(argv))
+
+
+def train_from_flags(argv: Sequence[str] | None = None) -> int:
+    flags = given_flags(build_parser(), argv)
+    local_rank = flags.pop("local_rank", None)
+    if local_rank is not None and local_rank >= 0 and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(local_rank)  # torch.distributed.launch passes it as a flag, torchrun as env
+
+    from detector.engine import distributed  # lazy import: keep `train.py --help` fast
+    from detector.engine.trainer import Trainer, build_train_config
+
+    config = build_train_config(flags)
+    devices = device_ids(config.device)
+    if len(devices) > 1 and "WORLD_SIZE" not in os.environ:
+        given = list(sys.argv[1:] if argv is None else argv)
+        return distributed.launch(given, nproc=len(devices))
+    Trainer(config).fit()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

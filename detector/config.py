@@ -1,0 +1,360 @@
+"""Typed configuration: defaults <- YAML files <- command-line flags, merged in one place.
+
+Every option of every task is a field of a frozen dataclass below, with its meaning in a comment. YAML files
+(hyperparameters, ``--config`` files) and command-line flags are applied on top of the defaults by
+:func:`build_config`, which rejects unknown keys with a suggestion and coerces values by the field's type
+(``"0.5"`` -> 0.5 for a float; only ``true/false/1/0`` for a bool, never Python's ``bool("False") == True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from detector.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+MODEL_CONFIG_DIR = CONFIG_DIR / "models"
+HYP_CONFIG_DIR = CONFIG_DIR / "hyps"
+DATA_CONFIG_DIR = REPO_ROOT / "data"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Training hyperparameters, with YOLOv5's keys so its ``hyp.*.yaml`` files load unchanged."""
+
+    lr0: float = 0.01  # initial learning rate (SGD 1e-2, Adam 1e-3)
+    lrf: float = 0.01  # final learning rate as a fraction of lr0
+    momentum: float = 0.937  # SGD momentum / Adam beta1
+    weight_decay: float = 0.0005  # optimizer weight decay at nominal batch 64
+    warmup_epochs: float = 3.0  # warmup length in epochs (fractions allowed; at least 100 iterations)
+    warmup_momentum: float = 0.8  # momentum at the start of warmup
+    warmup_bias_lr: float = 0.1  # bias learning rate at the start of warmup
+    box: float = 0.05  # box loss gain
+    cls: float = 0.5  # class loss gain
+    cls_pw: float = 1.0  # class BCE positive weight
+    obj: float = 1.0  # objectness loss gain (scales with pixels)
+    obj_pw: float = 1.0  # objectness BCE positive weight
+    iou_t: float = 0.20  # IoU training threshold (unused by the loss, kept for YOLOv5 hyp files)
+    anchor_t: float = 4.0  # anchor-multiple threshold for target matching and AutoAnchor
+    anchors: float = 0.0  # anchors per output level; > 0 replaces the model's anchors (then AutoAnchor fits them)
+    fl_gamma: float = 0.0  # focal loss gamma (0 = plain BCE; EfficientDet uses 1.5)
+    hsv_h: float = 0.015  # hue augmentation (fraction)
+    hsv_s: float = 0.7  # saturation augmentation (fraction)
+    hsv_v: float = 0.4  # value augmentation (fraction)
+    degrees: float = 0.0  # rotation (+/- degrees)
+    translate: float = 0.1  # translation (+/- fraction)
+    scale: float = 0.5  # scale (+/- gain)
+    shear: float = 0.0  # shear (+/- degrees)
+    perspective: float = 0.0  # perspective (+/- fraction), range 0-0.001
+    flipud: float = 0.0  # probability of an up-down flip
+    fliplr: float = 0.5  # probability of a left-right flip
+    mosaic: float = 1.0  # probability of a mosaic
+    mosaic9: float = 0.0  # probability that a mosaic uses 9 images instead of 4
+    mixup: float = 0.0  # probability of mixup (ratio drawn from beta(32, 32))
+    copy_paste: float = 0.0  # probability of segment copy-paste (needs polygon labels; boxes-only data ignore it)
+    cutout: float = 0.0  # probability of cutout / random erasing of a few patches
+    albumentations: float = 0.0  # probability of the albumentations pipeline (only when albumentations is installed)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of ``train.py``; flag names are YOLOv5's (``--batch-size`` is ``batch_size`` here)."""
+
+    weights: str = ""  # initial weights (.pt, ours or YOLOv5's); "" trains from scratch
+    cfg: str = ""  # model YAML (name in configs/models or a path); "" = from --weights, else yolov5n.yaml
+    data: str = ""  # dataset YAML; "" = the built-in synthetic dataset
+    hyp: Hyperparameters = field(default_factory=Hyperparameters)  # from --hyp YAML
+    epochs: int | None = None  # None = 100, or the built-in dataset's CPU-friendly default
+    batch_size: int = 16  # total batch size over all GPUs
+    nbs: int = 64  # nominal batch size: gradients accumulate to this many images per optimizer step (YOLOv5: 64)
+    imgsz: int | None = None  # train/val image size in pixels; None = 640, or the built-in dataset's default
+    rect: bool = False  # rectangular training batches (no mosaic)
+    resume: str = ""  # "" = no; "auto" = most recent last.pt under --project; or a path to last.pt
+    nosave: bool = False  # only save the final checkpoint
+    noval: bool = False  # only validate after the final epoch
+    noautoanchor: bool = False  # skip the AutoAnchor check
+    noplots: bool = False  # save no plot files
+    cache: Literal["", "ram", "disk"] = ""  # cache decoded images in RAM or as .npy files on disk
+    image_weights: bool = False  # sample images weighted by (1 - per-class mAP)^2 of their classes
+    device: str = ""  # "cpu", "0", "0,1,2,3"; "" = first CUDA device if any, else CPU
+    multi_scale: bool = False  # vary image size +/- 50% each batch
+    single_cls: bool = False  # train multi-class data as one class
+    optimizer: Literal["SGD", "Adam", "AdamW"] = "SGD"  # optimizer
+    sync_bn: bool = False  # SyncBatchNorm across DDP processes
+    workers: int = 8  # max dataloader workers per process (capped by CPU count)
+    project: str = "runs/train"  # parent folder of run folders
+    name: str = "exp"  # run folder name; exp, exp2, ... unless exist_ok
+    exist_ok: bool = False  # reuse an existing run folder instead of incrementing
+    quad: bool = False  # quad collate: 4 images become one at 2x size
+    cos_lr: bool = False  # cosine instead of linear learning-rate decay
+    label_smoothing: float = 0.0  # label smoothing epsilon
+    class_weights: bool = False  # weight the class loss by inverse class frequency
+    patience: int = 100  # early stopping after this many epochs without improvement (0 = never)
+    freeze: tuple[int, ...] = (0,)  # freeze the first N layers (one number), or the listed layer indices
+    save_period: int = -1  # also save a checkpoint every N epochs (-1 = never)
+    seed: int = 0  # global random seed
+    deterministic: bool = False  # deterministic algorithms (slower), for bit-exact repeatable runs
+    amp: Literal["auto", "fp16", "bf16", "off"] = "auto"  # auto = fp16 on CUDA if the AMP check passes, off on CPU
+
+
+@dataclass(frozen=True)
+class ValConfig:
+    """Options of ``val.py``."""
+
+    data: str = ""  # dataset YAML; "" = the built-in synthetic dataset
+    weights: str = ""  # model weights (.pt, .torchscript, .onnx, OpenVINO folder, .engine)
+    batch_size: int = 32
+    imgsz: int = 640  # inference size in pixels
+    conf_thres: float = 0.001  # confidence threshold
+    iou_thres: float = 0.6  # NMS IoU threshold
+    max_det: int = 300  # maximum detections per image
+    task: Literal["train", "val", "test", "speed", "study"] = "val"
+    device: str = ""
+    workers: int = 8
+    single_cls: bool = False  # treat as a single-class dataset
+    augment: bool = False  # test-time augmentation
+    verbose: bool = False  # report mAP per class
+    save_txt: bool = False  # save results to *.txt
+    save_hybrid: bool = False  # save labels + predictions to *.txt
+    save_conf: bool = False  # save confidences in --save-txt labels
+    save_json: bool = False  # save a COCO-format JSON and evaluate it with pycocotools
+    project: str = "runs/val"
+    name: str = "exp"
+    exist_ok: bool = False
+    half: bool = False  # FP16 inference (CUDA only)
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Options of ``detect.py``."""
+
+    weights: str = ""  # model weights (any supported format)
+    source: str = ""  # file, folder, glob, .txt list, video, webcam index, URL or .streams file
+    data: str = ""  # optional dataset YAML for class names of formats that do not store them
+    imgsz: tuple[int, ...] = (640,)  # inference size: one number, or height width
+    conf_thres: float = 0.25
+    iou_thres: float = 0.45
+    max_det: int = 1000
+    device: str = ""
+    view_img: bool = False
+    save_txt: bool = False
+    save_conf: bool = False
+    save_crop: bool = False
+    nosave: bool = False
+    classes: tuple[int, ...] | None = None  # keep only these class ids
+    agnostic_nms: bool = False
+    augment: bool = False
+    project: str = "runs/detect"
+    name: str = "exp"
+    exist_ok: bool = False
+    line_thickness: int = 3
+    hide_labels: bool = False
+    hide_conf: bool = False
+    half: bool = False
+    vid_stride: int = 1
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Options of ``export.py``."""
+
+    weights: str = ""
+    imgsz: tuple[int, ...] = (640, 640)
+    batch_size: int = 1
+    device: str = "cpu"
+    half: bool = False
+    dynamic: bool = False  # dynamic batch/height/width axes (ONNX, TensorRT profiles)
+    simplify: bool = False  # simplify the ONNX graph with onnxslim
+    opset: int = 17
+    workspace: float = 4.0  # TensorRT workspace in GiB
+    nms: bool = False  # put NMS inside the exported graph
+    agnostic_nms: bool = False
+    topk_per_class: int = 100
+    topk_all: int = 100
+    iou_thres: float = 0.45
+    conf_thres: float = 0.25
+    include: tuple[str, ...] = ("torchscript", "onnx")
+    optimize: bool = False  # TorchScript: optimise for mobile (CPU only, needs a PyTorch build with XNNPACK)
+    int8: bool = False  # OpenVINO: int8 post-training quantization with NNCF (calibrated on --data's val images)
+    data: str = ""  # dataset YAML: val images for the export checks and --int8 calibration ("" = synthetic/built-in)
+    inplace: bool = False  # accepted for YOLOv5 compatibility; no effect (the export head never writes in place)
+    project: str = "runs/export"
+    name: str = "exp"
+    exist_ok: bool = False
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading and merging
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a one-line error naming the file when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def build_config(cls: type[T], *layers: tuple[str, Mapping[str, Any]]) -> T:
+    """Defaults of ``cls`` overridden by each ``(source, mapping)`` layer in turn.
+
+    ``source`` names where a layer came from (a file path, "command line") and appears in every error.
+    Nested dataclass fields take a nested mapping (``{"hyp": {"lr0": 0.02}}``) or dotted keys (``"hyp.lr0"``).
+    """
+    config = cls()
+    for source, values in layers:
+        config = _apply(config, values, source, prefix="")
+    return config
+
+
+def _apply(config: T, values: Mapping[str, Any], source: str, prefix: str) -> T:
+    hints = typing.get_type_hints(type(config))
+    names = [f.name for f in dataclasses.fields(config)]
+    changes: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        head, _, rest = key.partition(".")
+        if head not in names:
+            raise ConfigError(f"{source}: unknown key '{prefix}{head}'{_suggest(head, names, prefix)}")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        elif dataclasses.is_dataclass(hints[head]):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: key '{prefix}{head}' expects a mapping, got {value!r}")
+            nested.setdefault(head, {}).update(value)
+        else:
+            changes[head] = coerce(value, hints[head], f"{source}: key '{prefix}{head}'")
+    for head, sub in nested.items():
+        changes[head] = _apply(getattr(config, head), sub, source, prefix=f"{prefix}{head}.")
+    return dataclasses.replace(config, **changes)
+
+
+def _suggest(key: str, names: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+    return f"{hint} (valid keys: {', '.join(names)})"
+
+
+_TRUE = {"true", "1", "yes"}
+_FALSE = {"false", "0", "no"}
+
+
+def coerce(value: Any, type_: Any, where: str) -> Any:
+    """Convert ``value`` to ``type_`` (a resolved type hint) or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(type_)
+    args = typing.get_args(type_)
+    if origin in (Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"{where} cannot be {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        item_type = args[0] if args else Any
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if isinstance(value, str) and ("," in value or " " in value.strip()):
+            items = [v for v in value.replace(",", " ").split() if v]
+        return origin(coerce(v, item_type, where) for v in items)
+    if type_ is Any:
+        return value
+    if type_ is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ConfigError(f"{where} expects true/false/1/0, got {value!r}")
+    if type_ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} expects an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{where} expects an integer, got {value!r}") from None
+    if type_ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} expects a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} expects a number, got {value!r}") from None
+    if type_ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where} expects a string, got {value!r}")
+    raise TypeError(f"unsupported config field type {type_!r} at {where}")  # a bug in this module, not user input
+
+
+def load_hyp(path: str | Path) -> Hyperparameters:
+    """Hyperparameters from a YAML file (a name in configs/hyps or a path), strictly checked."""
+    return build_config(Hyperparameters, (str(path), load_yaml(resolve_config_path(path, HYP_CONFIG_DIR))))
+
+
+def resolve_config_path(name: str | Path, folder: Path) -> Path:
+    """A path as given if it exists, else the file of that name in ``folder`` (e.g. configs/models/yolov5s.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (folder / path.name, folder / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.name for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    hint = difflib.get_close_matches(path.name, known, n=1)
+    suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+    raise ConfigError(f"{name}: file not found (nor in {folder}){suggestion}")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A plain, YAML- and checkpoint-safe dict of a config (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write a config as YAML (the resolved options of a run, saved in its folder)."""
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)

@@ -1,0 +1,61 @@
+"""Run folders and small file helpers."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+
+def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = True) -> Path:
+    """The first free run folder of ``path``: runs/train/exp, then exp2, exp3, ...
+
+    With ``exist_ok`` the given path is used as it is. The number after the stem is one more than the
+    highest taken, so removing exp2 never makes a new run reuse an older number in between.
+    """
+    path = Path(path)
+    if not exist_ok and path.exists():
+        pattern = re.compile(rf"^{re.escape(path.name)}(\d+)$")
+        taken = [int(m.group(1)) for p in path.parent.iterdir() if (m := pattern.match(p.name))]
+        path = path.with_name(f"{path.name}{max(taken, default=1) + 1}")
+    if mkdir:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file so that readers see either the old or the whole new content, never a torn one.
+
+    ``write`` receives a binary file object in the same folder; it is flushed, fsynced and renamed over
+    ``path``, so a crash or SIGKILL mid-write leaves the previous file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def file_size_mb(path: str | Path) -> float:
+    """Size of a file, or the total of a folder's files, in MB."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+    return path.stat().st_size / 1e6
+
+
+def cache_dir() -> Path:
+    """Where generated data (the built-in dataset) lives: $DETECTOR_CACHE, else $XDG_CACHE_HOME/detector."""
+    if root := os.environ.get("DETECTOR_CACHE"):
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "detector"

@@ -1,0 +1,48 @@
+"""Console and run-folder logging. Library code uses ``logging.getLogger(__name__)``; this sets up handlers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+LOGGER_NAME = "detector"
+_FORMAT = "%(message)s"
+_FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def rank() -> int:
+    """This process's global rank under torchrun (0 when not distributed)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup_logging(verbose: bool = True) -> logging.Logger:
+    """Console output for the ``detector`` loggers: INFO on rank 0, WARNING elsewhere. Safe to call twice."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(logging.DEBUG)
+    if not any(getattr(h, "_detector_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(_FORMAT))
+        handler._detector_console = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    level = logging.INFO if verbose and rank() == 0 else logging.WARNING
+    for h in logger.handlers:
+        if getattr(h, "_detector_console", False):
+            h.setLevel(level)
+    return logger
+
+
+def add_file_log(run_dir: str | Path, filename: str = "log.txt") -> logging.Handler:
+    """Also write everything logged under ``detector`` to ``run_dir/filename``; returns the handler to remove."""
+    handler = logging.FileHandler(Path(run_dir) / filename, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(_FILE_FORMAT))
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger(LOGGER_NAME).addHandler(handler)
+    return handler
+
+
+def remove_file_log(handler: logging.Handler) -> None:
+    logging.getLogger(LOGGER_NAME).removeHandler(handler)
+    handler.close()

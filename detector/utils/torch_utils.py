@@ -1,0 +1,84 @@
+"""Device selection, seeding and other small torch helpers shared by every task."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from detector.errors import ConfigError
+
+LOGGER = logging.getLogger(__name__)
+
+
+def select_device(device: str | int | torch.device = "", batch_size: int = 0) -> torch.device:
+    """A torch.device from YOLOv5's ``--device`` syntax: "" (CUDA 0 if present, else CPU), "cpu", "0", "0,1", "mps".
+
+    Asking for CUDA on a machine without it is a one-line ConfigError, never a silent fall-back to the CPU.
+    Under torchrun (LOCAL_RANK set) each process takes the GPU of its local rank.
+    """
+    if isinstance(device, torch.device):
+        return device
+    spec = str(device).strip().lower().replace("cuda:", "").replace(" ", "")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError("--device mps: Apple MPS is not available on this machine")
+        return torch.device("mps")
+    if spec == "":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        spec = "0"
+    ids = [s for s in spec.split(",") if s]
+    if not all(s.isdigit() for s in ids):
+        raise ConfigError(f"--device {device!r}: expected 'cpu', 'mps', a CUDA index like '0' or a list like '0,1'")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    count = torch.cuda.device_count()
+    if bad := [i for i in ids if int(i) >= count]:
+        raise ConfigError(f"--device {device}: CUDA device {bad[0]} does not exist ({count} visible)")
+    if len(ids) > 1 and batch_size > 0 and batch_size % len(ids):
+        raise ConfigError(f"--batch-size {batch_size} is not a multiple of the {len(ids)} devices in --device {device}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "-1"))
+    index = int(ids[local_rank]) if 0 <= local_rank < len(ids) else int(ids[0])
+    return torch.device("cuda", index)
+
+
+def device_ids(device: str) -> list[int]:
+    """CUDA indices named by a ``--device`` string ("0,1" -> [0, 1]; "cpu" or "" -> [])."""
+    spec = str(device).strip().lower().replace("cuda:", "")
+    return [int(s) for s in spec.split(",") if s.strip().isdigit()]
+
+
+def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; with ``deterministic`` also ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        os.environ["PYTHONHASHSEED"] = str(seed)
+
+
+def time_sync(device: torch.device | None = None) -> float:
+    """time.perf_counter() after waiting for queued CUDA work, so GPU timings are honest."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def describe_device(device: torch.device) -> str:
+    """One line naming the device, e.g. 'CUDA:0 (NVIDIA H100, 80GiB)' or 'CPU (2 threads)'."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"CUDA:{device.index} ({props.name}, {props.total_memory / 2**30:.0f}GiB)"
+    return f"{device.type.upper()} ({torch.get_num_threads()} threads)"
