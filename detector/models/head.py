@@ -1,0 +1,152 @@
+"""The YOLOv5 detection head: per-level 1x1 convs producing raw maps, and the decoding of raw maps into boxes.
+
+Contract (docs/architecture.md): ``Detect.forward(features)`` returns the raw per-level maps, level i shaped
+(B, na, H_i, W_i, 5 + nc) with channels [tx, ty, tw, th, objectness, class logits...] before any sigmoid;
+``Detect.decode(raw)`` turns them into (B, N, 5 + nc) rows [x_center, y_center, width, height (pixels of the
+network input), objectness, class scores] after sigmoids, N = sum_i na * H_i * W_i ordered level, anchor, row,
+column (YOLOv5's order). Decoding follows YOLOv5: xy = (2 * sigmoid - 0.5 + grid) * stride and
+wh = (2 * sigmoid)^2 * anchor_pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from detector.models.registry import register
+
+LOGGER = logging.getLogger(__name__)
+
+
+def _anchor_tensor(anchors: Sequence[Sequence[float]] | int, num_levels: int) -> Tensor:
+    """Anchors from YAML as a (nl, na, 2) float tensor of pixel (w, h) pairs.
+
+    An int ``na`` instead of a list means "na anchors per level, to be fitted by AutoAnchor": placeholder sizes
+    are used until then (YOLOv5 does the same).
+    """
+    if isinstance(anchors, int) and not isinstance(anchors, bool):
+        if anchors < 1:
+            raise ValueError(f"anchors: expected a positive count per level, got {anchors}")
+        anchors = [list(range(1, 2 * anchors + 1))] * num_levels
+    if not isinstance(anchors, Sequence) or len(anchors) != num_levels:
+        count = len(anchors) if isinstance(anchors, Sequence) else anchors
+        raise ValueError(f"anchors: expected {num_levels} lists (one per detection level), got {count!r}")
+    lengths = {len(level) for level in anchors}
+    if len(lengths) != 1 or (length := lengths.pop()) % 2 or length == 0:
+        raise ValueError(f"anchors: every level needs the same, even number of values (w, h pairs), got {anchors}")
+    flat = [value for level in anchors for value in level]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in flat):
+        raise ValueError(f"anchors: sizes must be positive numbers of pixels, got {anchors}")
+    return torch.tensor(flat, dtype=torch.float32).view(num_levels, -1, 2)
+
+
+@register
+class Detect(nn.Module):
+    """YOLOv5 head over ``nl`` feature maps with ``na`` anchors per level.
+
+    Buffers (saved in the state dict): ``anchors`` (nl, na, 2) in grid units (pixels / stride) once the strides
+    are set by :meth:`set_strides`, and ``stride`` (nl,) in pixels.
+
+    Set ``export = True`` before tracing or exporting: grids are then computed from the input shape inside the
+    graph instead of taken from the Python-side cache, so dynamic-shape exports stay correct.
+    """
+
+    takes_input_channels = True
+
+    def __init__(self, num_classes: int, anchors: Sequence[Sequence[float]] | int, in_channels: Sequence[int]) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"nc: expected a positive number of classes, got {num_classes!r}")
+        anchor_pixels = _anchor_tensor(anchors, len(in_channels))
+        self.nc = num_classes
+        self.no = num_classes + 5  # outputs per anchor
+        self.nl = len(in_channels)
+        self.na = anchor_pixels.shape[1]
+        # Pixels until set_strides() divides them: the stride is only known after a dry forward pass of the model.
+        self.register_buffer("anchors", anchor_pixels)
+        self.register_buffer("stride", torch.zeros(self.nl))
+        self.m = nn.ModuleList(nn.Conv2d(channels, self.no * self.na, 1) for channels in in_channels)
+        self.export = False
+        self._grid_cache: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+
+    def forward(self, features: list[Tensor]) -> list[Tensor]:
+        """Raw maps: level i (B, C_i, H_i, W_i) -> (B, na, H_i, W_i, 5 + nc), no activation applied."""
+        raw = []
+        for conv, feature in zip(self.m, features, strict=True):
+            y = conv(feature)
+            batch, _, height, width = y.shape
+            raw.append(y.view(batch, self.na, self.no, height, width).permute(0, 1, 3, 4, 2).contiguous())
+        return raw
+
+    def decode(self, raw: list[Tensor]) -> Tensor:
+        """Raw maps -> (B, N, 5 + nc): xywh in input pixels, objectness and class scores in [0, 1]."""
+        outputs = []
+        for level, prediction in enumerate(raw):
+            batch, _, height, width, _ = prediction.shape
+            stride = self.stride[level]
+            grid_pixels = self._grid(height, width, prediction.dtype, prediction.device) * stride
+            # (2 * sigmoid)^2 * anchor_pixels, with the constant 4 folded into the (na)-sized anchor tensor.
+            anchor_pixels_x4 = (self.anchors[level] * (stride * 4)).view(1, self.na, 1, 1, 2).to(prediction.dtype)
+            y = prediction.sigmoid()
+            xy = y[..., :2] * (stride * 2) + grid_pixels  # == (2 * sigmoid - 0.5 + grid) * stride
+            wh = y[..., 2:4].square() * anchor_pixels_x4
+            outputs.append(torch.cat((xy, wh, y[..., 4:]), -1).view(batch, -1, self.no))
+        return torch.cat(outputs, 1)
+
+    def _grid(self, height: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """(1, 1, H, W, 2) cell offsets (x - 0.5, y - 0.5) in grid units, cached per shape outside of exports."""
+        exporting = self.export or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        key = (height, width, dtype, device)
+        if not exporting and key in self._grid_cache:
+            return self._grid_cache[key]
+        # arange in float32, then cast: ONNX's Range has no float16 version (fp16 --dynamic exports need this)
+        rows = torch.arange(height, device=device, dtype=torch.float32)
+        columns = torch.arange(width, device=device, dtype=torch.float32)
+        grid_y, grid_x = torch.meshgrid(rows, columns, indexing="ij")
+        grid = (torch.stack((grid_x, grid_y), -1) - 0.5).view(1, 1, height, width, 2).to(dtype)
+        if not exporting:
+            self._grid_cache[key] = grid
+        return grid
+
+    def _apply(self, *args, **kwargs):
+        # .to()/.half() would leave cached grids on the old device or dtype; they are cheap to rebuild.
+        self._grid_cache.clear()
+        return super()._apply(*args, **kwargs)
+
+    @torch.no_grad()
+    def set_strides(self, strides: Tensor) -> None:
+        """Record the level strides (pixels) and convert the pixel anchors to grid units (called once, at build)."""
+        self.stride.copy_(strides.to(self.stride))
+        self.anchors.div_(self.stride.view(-1, 1, 1))
+        self.check_anchor_order()
+
+    @torch.no_grad()
+    def check_anchor_order(self) -> None:
+        """Flip the anchor levels when their sizes run opposite to the strides (large anchors belong to P5)."""
+        if self.anchors.is_meta:  # built on the meta device (to count parameters/FLOPs): no values to compare
+            return
+        mean_area = (self.anchors * self.stride.view(-1, 1, 1)).prod(-1).mean(-1)  # pixels², per level
+        area_change = mean_area[-1] - mean_area[0]
+        stride_change = self.stride[-1] - self.stride[0]
+        if area_change != 0 and torch.sign(area_change) != torch.sign(stride_change):
+            LOGGER.info("Reversing anchor order to match the strides (largest anchors on the largest stride)")
+            self.anchors.copy_(self.anchors.flip(0) * (self.stride.flip(0) / self.stride).view(-1, 1, 1))
+
+    @torch.no_grad()
+    def initialize_biases(self, class_frequencies: Tensor | None = None) -> None:
+        """YOLOv5's bias priors (paper arXiv:1708.02002 section 3.3): about 8 objects per 640x640 image for the
+        objectness, and a 0.6 total class probability spread evenly (or by ``class_frequencies`` (nc,) counts)."""
+        if self.stride.is_meta:  # built on the meta device: there are no values to initialise
+            return
+        for conv, stride in zip(self.m, self.stride.tolist(), strict=True):
+            bias = conv.bias.view(self.na, -1)
+            bias[:, 4] += math.log(8 / (640 / stride) ** 2)
+            if class_frequencies is None:
+                bias[:, 5 : 5 + self.nc] += math.log(0.6 / (self.nc - 0.99))
+            else:
+                frequencies = class_frequencies.to(bias).clamp(min=1e-9)
+                bias[:, 5 : 5 + self.nc] += torch.log(frequencies / frequencies.sum())
