@@ -1,0 +1,238 @@
+"""detect.py and the Python API end to end: YOLOv5n on the real images against YOLOv5's own output, videos,
+mixed image formats, label files against the drawn boxes, and bad sources through the real script."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from detector.config import DetectConfig
+from detector.engine.predictor import Detector, run_detect
+from detector.errors import ConfigError
+from detector.models.loading import checkpoint_model_entries
+from detector.models.yolo import DetectionModel
+from detector.utils.checkpoint import save_checkpoint
+from detector.utils.drawing import class_color
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_MODEL_YAML = {
+    "nc": 2,
+    "depth_multiple": 1.0,
+    "width_multiple": 1.0,
+    "anchors": [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]],
+    "backbone": [
+        [-1, 1, "Conv", [8, 3, 2]],
+        [-1, 1, "Conv", [8, 3, 2]],
+        [-1, 1, "Conv", [16, 3, 2]],
+        [-1, 1, "Conv", [16, 3, 2]],
+        [-1, 1, "Conv", [16, 3, 2]],
+    ],
+    "head": [[[2, 3, 4], 1, "Detect", ["nc", "anchors"]]],
+}
+
+
+def run_detect_script(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The real detect.py, as a user runs it, without a display."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    command = [sys.executable, str(REPO_ROOT / "detect.py"), "--device", "cpu", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def read_labels(path: Path) -> np.ndarray:
+    """A YOLO txt file as (n, 6) [class, x, y, w, h, conf], rows sorted by class then confidence."""
+    table = np.loadtxt(path, ndmin=2)
+    return table[np.lexsort((-table[:, 5], table[:, 0]))]
+
+
+def xywhn_to_xyxy(rows: np.ndarray, width: int, height: int) -> np.ndarray:
+    x, y, w, h = rows[:, 1] * width, rows[:, 2] * height, rows[:, 3] * width, rows[:, 4] * height
+    return np.stack([x - w / 2, y - h / 2, x + w / 2, y + h / 2], axis=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Our checkpoint of a ~8k-parameter model whose biases make it find boxes everywhere (for plumbing tests)."""
+    torch.manual_seed(0)
+    model = DetectionModel(TINY_MODEL_YAML)
+    model.names = ["thing", "other"]
+    with torch.no_grad():
+        for conv in model.detect.m:
+            conv.bias.view(3, -1)[:, 4:] += 4.0
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    save_checkpoint({**checkpoint_model_entries(model), "epoch": 0}, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# YOLOv5n on the real images: what YOLOv5's detect.py finds
+
+
+def test_yolov5n_matches_yolov5_detect(
+    tmp_path: Path, yolov5n_weights: Path, shared_images: Path, reference_detections: Path
+) -> None:
+    run = run_detect_script(
+        "--weights", str(yolov5n_weights), "--source", str(shared_images), "--img", "640",
+        "--conf-thres", "0.25", "--iou-thres", "0.45", "--save-txt", "--save-conf", "--save-crop",
+        "--project", str(tmp_path), "--name", "exp",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "bus.jpg: 640x480 4 persons, 1 bus, " in run.stdout
+    assert "zidane.jpg: 384x640 2 persons, 1 tie, " in run.stdout
+    assert "ms pre-process, " in run.stdout and "ms NMS per image" in run.stdout
+    labels = tmp_path / "exp" / "labels"
+
+    compare = [sys.executable, str(reference_detections.parent / "compare_dets.py"), str(reference_detections), labels]
+    checked = subprocess.run(compare, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout
+
+    for stem, (width, height) in {"bus": (810, 1080), "zidane": (1280, 720)}.items():
+        ours, reference = read_labels(labels / f"{stem}.txt"), read_labels(reference_detections / f"{stem}.txt")
+        np.testing.assert_array_equal(ours[:, 0], reference[:, 0])
+        np.testing.assert_allclose(ours[:, 5], reference[:, 5], atol=0.01)
+        np.testing.assert_allclose(
+            xywhn_to_xyxy(ours, width, height), xywhn_to_xyxy(reference, width, height), atol=2.0
+        )
+        annotated = cv2.imread(str(tmp_path / "exp" / f"{stem}.jpg"))
+        assert annotated.shape == (height, width, 3)
+        _assert_boxes_drawn(annotated, ours, width, height)
+    assert len(list((tmp_path / "exp" / "crops" / "person").glob("*.jpg"))) == 6
+    bus_crops = [p.name for p in (tmp_path / "exp" / "crops" / "bus").glob("*.jpg")]
+    assert bus_crops == ["bus_4.jpg"]  # the bus is the 5th (least confident) detection of bus.jpg
+
+
+def _assert_boxes_drawn(annotated: np.ndarray, rows: np.ndarray, width: int, height: int) -> None:
+    """--save-txt round trip: every label's box is drawn in its class colour where the file says it is."""
+    for row, box in zip(rows, xywhn_to_xyxy(rows, width, height), strict=True):
+        x1, _, x2, y2 = np.clip(np.round(box), 0, [width - 1, height - 1, width - 1, height - 1]).astype(int)
+        color = np.array(class_color(int(row[0])), dtype=float)
+        bottom_edge = annotated[y2, x1 + (x2 - x1) // 4 : x2 - (x2 - x1) // 4].astype(float)  # labels sit on top
+        distance = np.linalg.norm(bottom_edge - color, axis=1)
+        assert np.median(distance) < 40, f"class {int(row[0])} box {box.round()} is not drawn where its label says"
+
+
+def test_python_api_mixed_image_formats(tmp_path: Path, yolov5n_weights: Path, shared_images: Path) -> None:
+    from detector import Detector as PublicDetector
+
+    bus = cv2.imread(str(shared_images / "bus.jpg"))
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), bus)
+    cv2.imwrite(str(folder / "b.webp"), bus, [cv2.IMWRITE_WEBP_QUALITY, 101])  # lossless WebP
+    cv2.imwrite(str(folder / "c.bmp"), bus)
+    detector = PublicDetector(yolov5n_weights, device="cpu", imgsz=320)  # 320: a quarter of the work of 640
+    results = detector(folder)
+    assert [Path(r.path).name for r in results] == ["a.png", "b.webp", "c.bmp"]
+    from_array = detector(bus)[0]
+    assert from_array.path == "image0" and len(from_array) >= 3
+    for result in results:  # the same pixels in every format: the same detections as the decoded array
+        assert result.orig_shape == (1080, 810) and result.summary() == from_array.summary()
+        np.testing.assert_allclose(result.boxes, from_array.boxes, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Videos, streams and the Python API, with a tiny model
+
+
+def _write_video(path: Path, frames: int, fps: float = 12.0, size: tuple[int, int] = (96, 64)) -> None:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), fps, size)
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        writer.write(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    writer.release()
+
+
+def test_video_is_reencoded_with_every_frame(tmp_path: Path, tiny_weights: Path) -> None:
+    video = tmp_path / "clip.mp4"
+    _write_video(video, frames=7)
+    run = run_detect_script(
+        "--weights", str(tiny_weights), "--source", str(video), "--img", "64", "96", "--save-txt",
+        "--view-img", "--project", str(tmp_path / "runs"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "--view-img: no display" in run.stdout + run.stderr  # headless: a warning, not a crash
+    assert "video 1/1 (frame 7/7) " in run.stdout
+    output = cv2.VideoCapture(str(tmp_path / "runs" / "exp" / "clip.mp4"))
+    assert int(output.get(cv2.CAP_PROP_FRAME_COUNT)) == 7
+    assert (output.get(cv2.CAP_PROP_FRAME_WIDTH), output.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (96, 64)
+    assert output.get(cv2.CAP_PROP_FPS) == pytest.approx(12.0)
+    frames = 0
+    while output.read()[0]:
+        frames += 1
+    assert frames == 7
+    label_files = sorted(p.name for p in (tmp_path / "runs" / "exp" / "labels").glob("*.txt"))
+    assert label_files == sorted(f"clip_{i}.txt" for i in range(1, 8))
+
+
+def test_detect_run_folder_increments_and_nosave(tmp_path: Path, tiny_weights: Path) -> None:
+    image = tmp_path / "im.jpg"
+    cv2.imwrite(str(image), np.full((64, 64, 3), 127, np.uint8))
+    config = DetectConfig(weights=str(tiny_weights), source=str(image), imgsz=(64,), project=str(tmp_path / "runs"))
+    first = run_detect(config)
+    second = run_detect(config)
+    assert (first.name, second.name) == ("exp", "exp2")
+    assert (first / "im.jpg").is_file()
+    quiet = run_detect(dataclasses.replace(config, nosave=True, save_txt=True, name="q"))
+    assert [p.relative_to(quiet).as_posix() for p in sorted(quiet.rglob("*.*"))] == ["labels/im.txt"]
+
+
+def test_python_api_arrays_lists_videos_and_streams(tmp_path: Path, tiny_weights: Path) -> None:
+    detector = Detector(tiny_weights, device="cpu", imgsz=64)
+    backend = detector.backend
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, (48, 80, 3), dtype=np.uint8) for _ in range(2)]
+    results = detector(arrays)
+    assert [r.path for r in results] == ["image0", "image1"] and all(r.orig_shape == (48, 80) for r in results)
+    assert detector.backend is backend  # one model load, many calls
+    single = detector(arrays[1])[0]
+    np.testing.assert_array_equal(single.boxes, results[1].boxes)
+    assert single.boxes.dtype == np.float32 and single.confidences.dtype == np.float32
+    assert ((single.boxes >= 0) & (single.boxes <= [80, 48, 80, 48])).all()
+
+    video = tmp_path / "v.avi"
+    _write_video(video, frames=5)
+    per_frame = detector(video)
+    assert [r.frame for r in per_frame] == [1, 2, 3, 4, 5]
+    lazily = detector.stream(video, vid_stride=2)
+    assert not isinstance(lazily, list) and [r.frame for r in lazily] == [1, 3, 5]
+    with pytest.raises(ConfigError, match="never ends"):
+        detector(_streams_file(tmp_path, video))
+
+    everything = Detector(tiny_weights, device="cpu", imgsz=64, conf_thres=0.3)(arrays[0])[0]
+    only_other = Detector(tiny_weights, device="cpu", imgsz=64, conf_thres=0.3, classes=[1])(arrays[0])[0]
+    assert set(everything.class_ids.tolist()) == {0, 1}  # the biased tiny model finds both classes
+    expected = everything.class_ids == 1
+    np.testing.assert_allclose(only_other.boxes, everything.boxes[expected][: len(only_other)], atol=1e-4)
+    assert len(only_other) == expected.sum() and {r["name"] for r in only_other.to_json()} == {"other"}
+
+
+def _streams_file(tmp_path: Path, video: Path) -> Path:
+    path = tmp_path / "one.streams"
+    path.write_text(f"{video}\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make_source", "message"),
+    [
+        (lambda d: d / "missing.jpg", "missing.jpg: source not found"),
+        (lambda d: (d / "bad.mp4").write_bytes(b"\x00" * 64) and d / "bad.mp4", "bad.mp4: cannot read video"),
+        (lambda d: (d / "empty").mkdir() or d / "empty", "empty: folder has no images or videos"),
+    ],
+    ids=["missing-file", "unreadable-video", "empty-folder"],
+)
+def test_bad_sources_exit_nonzero_with_one_line(tmp_path: Path, tiny_weights: Path, make_source, message: str) -> None:
+    run = run_detect_script("--weights", str(tiny_weights), "--source", str(make_source(tmp_path)), cwd=tmp_path)
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], run.stderr
+    assert "Traceback" not in run.stderr

@@ -1,0 +1,254 @@
+"""export.py end to end on CPU: every format written, read back and run here in its own runtime against PyTorch.
+
+The checks in these tests are independent of the exporter's own: they load the written files with
+torch.jit / onnxruntime / OpenVINO directly and compare with the PyTorch model the checkpoint holds.
+Models: yolov5n.yaml with 3 classes (the real architecture) for the script test, a 5-conv model for the rest.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+from detector.config import ExportConfig
+from detector.engine import exporter
+from detector.engine.exporter import Exporter, export, read_metadata, reference_detections
+from detector.errors import ExportError
+from detector.models.loading import checkpoint_model_entries, load_model
+from detector.models.yolo import DetectionModel
+from detector.utils.checkpoint import save_checkpoint
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),  # torch.jit/torch.onnx announce TorchScript's deprecation
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+NAMES = ["cat", "dog", "bird"]
+TINY_MODEL_YAML = {
+    "nc": 3,
+    "depth_multiple": 1.0,
+    "width_multiple": 1.0,
+    "anchors": [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]],
+    "backbone": [
+        [-1, 1, "Conv", [8, 3, 2]],
+        [-1, 1, "Conv", [8, 3, 2]],
+        [-1, 1, "Conv", [16, 3, 2]],
+        [-1, 1, "Conv", [16, 3, 2]],
+        [-1, 1, "Conv", [16, 3, 2]],
+    ],
+    "head": [[[2, 3, 4], 1, "Detect", ["nc", "anchors"]]],
+}
+
+
+def _with_detections(model: DetectionModel) -> DetectionModel:
+    """Raise objectness/class biases so a random model has many boxes above --conf-thres for NMS to resolve."""
+    model.names = list(NAMES)
+    with torch.no_grad():
+        for conv in model.detect.m:
+            conv.bias.view(model.detect.na, -1)[:, 4] += 5.0  # objectness from ~0.01 to ~0.5
+            conv.bias.view(model.detect.na, -1)[:, 5:] += 2.0
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> DetectionModel:
+    torch.manual_seed(0)
+    return _with_detections(DetectionModel(TINY_MODEL_YAML))
+
+
+@pytest.fixture(scope="module")
+def yolov5n_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5n.yaml", nc=3)
+    model.names = list(NAMES)
+    path = tmp_path_factory.mktemp("weights") / "tiny5n.pt"
+    save_checkpoint(checkpoint_model_entries(model), path)
+    return path
+
+
+def _images(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_close_to_torch(got: np.ndarray, expected: torch.Tensor) -> None:
+    """Scores within 1e-3; boxes (pixels) within 1e-3 of their value."""
+    got_tensor = torch.from_numpy(np.asarray(got, np.float32))
+    assert got_tensor.shape == expected.shape
+    difference = (got_tensor - expected).abs()
+    assert difference[..., 4:].max() < 1e-3
+    assert (difference[..., :4] / expected[..., :4].abs().clamp(min=1)).max() < 1e-3
+
+
+def _openvino_model(folder: Path) -> object:
+    import openvino
+
+    xml = next(folder.glob("*.xml"))
+    return openvino.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+@pytest.mark.slow
+def test_export_script_writes_every_cpu_format_and_each_matches_pytorch(
+    yolov5n_checkpoint: Path, tmp_path: Path
+) -> None:
+    command = [sys.executable, str(REPO_ROOT / "export.py"), "--weights", str(yolov5n_checkpoint)]
+    command += ["--include", "torchscript", "onnx", "openvino", "engine", "--img", "64", "96", "--dynamic"]
+    command += ["--project", str(tmp_path), "--name", "run"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    table = result.stdout[result.stdout.index("Format") :]
+    assert table.count("ok: ") == 3
+    if not torch.cuda.is_available():
+        assert "TensorRT" in table and "skipped" in table and "CUDA" in table
+
+    run = tmp_path / "run"
+    files = {
+        "torchscript": run / "tiny5n.torchscript",
+        "onnx": run / "tiny5n.onnx",
+        "openvino": run / "tiny5n_openvino_model",
+    }
+    assert (files["openvino"] / "tiny5n.xml").is_file() and (files["openvino"] / "tiny5n.bin").is_file()
+    for path in files.values():
+        metadata = read_metadata(path)
+        assert metadata["names"] == NAMES and metadata["stride"] == 32 and metadata["strides"] == [8, 16, 32]
+        assert metadata["imgsz"] == [64, 96] and metadata["dynamic"] is True and metadata["nms"] is False
+
+    model = load_model(yolov5n_checkpoint).eval()
+    torchscript = torch.jit.load(str(files["torchscript"]))
+    session = onnxruntime.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
+    openvino_model = _openvino_model(files["openvino"])
+    for shape in ((1, 3, 64, 96), (2, 3, 128, 64)):  # the export size, then another batch and size (--dynamic)
+        images = _images(shape)
+        with torch.no_grad():
+            expected = model(images)
+            _assert_close_to_torch(torchscript(images).numpy(), expected)
+        _assert_close_to_torch(session.run(None, {"images": images.numpy()})[0], expected)
+        _assert_close_to_torch(openvino_model(images.numpy())[0], expected)
+
+
+def _onnx_session(path: Path) -> onnxruntime.InferenceSession:
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_onnx_nms_with_dynamic_batch_equals_python_nms(tiny_model: DetectionModel, tmp_path: Path) -> None:
+    """The NMS graph's detections equal detector.ops.nms on the same raw predictions (those of the same model
+    exported without --nms, itself checked against PyTorch), at two batch sizes and image sizes."""
+    options = {"imgsz": (64, 96), "dynamic": True, "conf_thres": 0.3, "topk_all": 40}
+    with_nms = _onnx_session(export(tiny_model, include=("onnx",), project=str(tmp_path), nms=True, **options)["onnx"])
+    raw = _onnx_session(export(tiny_model, include=("onnx",), project=str(tmp_path), **options)["onnx"])
+    assert [o.name for o in with_nms.get_outputs()] == ["num_dets", "det_boxes", "det_scores", "det_classes"]
+    total = 0
+    for shape in ((1, 3, 64, 96), (3, 3, 96, 64)):
+        images = _images(shape, seed=2)
+        outputs = with_nms.run(None, {"images": images.numpy()})
+        assert outputs[1].shape == (shape[0], 40, 4) and outputs[0].dtype == np.int32
+        predictions = torch.from_numpy(raw.run(None, {"images": images.numpy()})[0])
+        with torch.no_grad():
+            _assert_close_to_torch(predictions.numpy(), tiny_model(images))
+        expected = reference_detections(predictions, ExportConfig(conf_thres=0.3, topk_all=40))
+        matched, problem = exporter.compare_detections(outputs, expected, atol=1e-5)
+        assert problem is None
+        total += matched
+    assert total > 20  # real detections were compared, not empty outputs
+
+
+def test_half_exports_with_nms_and_dynamic(tiny_model: DetectionModel, tmp_path: Path) -> None:
+    """--half with --nms and --dynamic together (YOLOv5 cannot): fp16 graph, float32 NMS outputs."""
+    options = {"imgsz": (64, 64), "dynamic": True, "half": True, "conf_thres": 0.3, "project": str(tmp_path)}
+    paths = export(tiny_model, include=("onnx", "torchscript", "openvino"), nms=True, **options)
+    raw = _onnx_session(export(tiny_model, include=("onnx",), **options)["onnx"])
+    with_nms = _onnx_session(paths["onnx"])
+    assert with_nms.get_inputs()[0].type == "tensor(float16)"
+    images = _images((2, 3, 64, 96), seed=3).half()
+    outputs = with_nms.run(None, {"images": images.numpy()})
+    assert outputs[2].dtype == np.float32 and int(outputs[0].sum()) > 5
+    predictions = torch.from_numpy(raw.run(None, {"images": images.numpy()})[0]).float()
+    expected = reference_detections(predictions, ExportConfig(conf_thres=0.3))
+    assert exporter.compare_detections(outputs, expected, atol=1e-5)[1] is None
+    with torch.no_grad():  # fp16 vs the fp32 model: scores within 0.02
+        assert (predictions[..., 4:] - tiny_model(images.float())[..., 4:]).abs().max() < 0.02
+    torchscript = torch.jit.load(str(paths["torchscript"]))
+    assert torchscript(images).dtype == torch.float16
+    xml = next(paths["openvino"].glob("*.xml"))
+    assert 'element_type="f16"' in xml.read_text()  # --half stores fp16 weights in the IR
+
+
+def test_failed_check_is_an_export_error_and_deletes_the_file(
+    tiny_model: DetectionModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original_load = exporter.OnnxFormat.load
+
+    def off_by_a_pixel(self: exporter.OnnxFormat, path: Path, ctx: exporter.ExportContext) -> exporter.Runner:
+        run = original_load(self, path, ctx)
+        return lambda images: [run(images)[0] + 1.0]
+
+    monkeypatch.setattr(exporter.OnnxFormat, "load", off_by_a_pixel)
+    config = ExportConfig(include=("onnx", "torchscript"), imgsz=(64, 64), project=str(tmp_path), name="bad")
+    with pytest.raises(ExportError, match="ONNX: predictions differ from PyTorch"):
+        Exporter(config).run(tiny_model)
+    assert not (tmp_path / "bad" / "model.onnx").exists()  # never left behind as a usable file
+    assert (tmp_path / "bad" / "model.torchscript").is_file()  # the other format is still written
+
+
+@pytest.mark.slow
+def test_real_yolov5n_nms_onnx_finds_what_pytorch_finds_on_bus(
+    yolov5n_weights: Path, shared_images: Path, coco128_dir: Path, tmp_path: Path
+) -> None:
+    """The official yolov5n.pt exported with --nms, checked by export.py on coco128 images (--data), then run
+    on bus.jpg: the same detections as our Python NMS on the PyTorch model's predictions."""
+    import cv2
+
+    from detector.data.augment import letterbox
+
+    config = ExportConfig(
+        weights=str(yolov5n_weights), include=("onnx",), imgsz=(320, 320), nms=True,
+        data=str(coco128_dir / "coco128.yaml"), project=str(tmp_path),
+    )  # fmt: skip
+    (result,) = Exporter(config).run()
+    assert "detections = Python NMS" in result.check and not result.check.startswith("0/")  # real images, real boxes
+    assert read_metadata(result.path)["names"][:2] == ["person", "bicycle"]
+
+    image, _ = letterbox(cv2.imread(str(shared_images / "bus.jpg")), (320, 320), auto=False)
+    images = torch.from_numpy(np.ascontiguousarray(image[..., ::-1].transpose(2, 0, 1)))[None].float() / 255
+    outputs = _onnx_session(result.path).run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        expected = reference_detections(load_model(yolov5n_weights).eval()(images), config)
+    assert 0 in expected[0][:, 5].tolist()  # persons
+    matched, problem = exporter.compare_detections(outputs, expected, atol=1e-3, borderline_score=0.251)
+    assert problem is None and matched == len(expected[0])
+
+
+def test_openvino_int8_is_quantized_with_nncf_or_skipped_with_a_note(
+    tiny_model: DetectionModel, tmp_path: Path
+) -> None:
+    import importlib.util
+
+    config = ExportConfig(include=("openvino",), imgsz=(64, 64), int8=True, project=str(tmp_path))
+    (result,) = Exporter(config).run(tiny_model)
+    assert result.ok
+    if importlib.util.find_spec("nncf") is None:
+        assert "int8 skipped" in result.check and "nncf" in result.check
+        assert read_metadata(result.path)["int8"] is False
+    else:
+        assert read_metadata(result.path)["int8"] is True
+
+
+def test_onnx_opset_and_simplify(tiny_model: DetectionModel, tmp_path: Path) -> None:
+    import onnx
+
+    plain = export(tiny_model, include=("onnx",), imgsz=(64, 64), dynamic=True, opset=13, project=str(tmp_path))
+    slim = export(tiny_model, include=("onnx",), imgsz=(64, 64), dynamic=True, simplify=True, project=str(tmp_path))
+    plain_model, slim_model = onnx.load(str(plain["onnx"])), onnx.load(str(slim["onnx"]))
+    assert [o.version for o in plain_model.opset_import if o.domain in ("", "ai.onnx")] == [13]
+    assert len(slim_model.graph.node) < len(plain_model.graph.node)  # onnxslim folded something away
+    assert read_metadata(slim["onnx"])["names"] == NAMES  # metadata survives simplification
+    images = _images((2, 3, 96, 64))
+    with torch.no_grad():
+        _assert_close_to_torch(_onnx_session(slim["onnx"]).run(None, {"images": images.numpy()})[0], tiny_model(images))

@@ -1,0 +1,182 @@
+"""Training end to end on a tiny model and dataset: learning, non-finite losses, seeds, train.py outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from detector.config import MODEL_CONFIG_DIR, REPO_ROOT, TrainConfig, load_hyp
+from detector.data.builtin import ensure_builtin_dataset
+from detector.engine.callbacks import Callbacks, read_results
+from detector.engine.trainer import Trainer, TrainingDivergedError
+from detector.utils.checkpoint import load_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: these tensors are tiny, and two threads crawl when other processes share the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """8 train + 4 val built-in images and a yolov5n variant at 1/8 width (~0.1 M parameters)."""
+    root = tmp_path_factory.mktemp("tiny")
+    data = ensure_builtin_dataset(root / "data", num_train=8, num_val=4, progress=False)
+    model = yaml.safe_load((MODEL_CONFIG_DIR / "yolov5n.yaml").read_text())
+    model["width_multiple"] = 0.125
+    model_path = root / "tiny.yaml"
+    model_path.write_text(yaml.safe_dump(model))
+    return {"data": str(data), "cfg": str(model_path), "root": root}
+
+
+def tiny_config(tiny, tmp_path, **changes) -> TrainConfig:
+    hyp = dataclasses.replace(load_hyp("hyp.no-augmentation.yaml"), warmup_epochs=0.0)
+    base = TrainConfig(
+        data=tiny["data"],
+        cfg=tiny["cfg"],
+        imgsz=64,
+        batch_size=8,
+        epochs=2,
+        workers=0,
+        noautoanchor=True,
+        noplots=True,
+        noval=True,
+        project=str(tmp_path / "runs"),
+        hyp=hyp,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def epoch_losses(callbacks: Callbacks) -> list[float]:
+    losses: list[float] = []
+    callbacks.register("on_epoch_end", lambda trainer: losses.append(sum(trainer.epoch_record.train_losses)))
+    return losses
+
+
+def test_tiny_model_learns(tiny, tmp_path):
+    config = tiny_config(
+        tiny, tmp_path, epochs=24, optimizer="Adam", hyp=dataclasses.replace(tiny_config(tiny, tmp_path).hyp, lr0=0.01)
+    )
+    callbacks = Callbacks()
+    losses = epoch_losses(callbacks)
+    Trainer(config, callbacks=callbacks).fit()
+    assert len(losses) == 24
+    assert losses[-1] < 0.7 * losses[0], losses  # one optimizer step per epoch on the same 8 images
+
+
+class NonFiniteAt:
+    """Wraps a loss function; the calls whose (0-based) number is in ``calls`` return a NaN loss."""
+
+    def __init__(self, loss_fn, calls):
+        self.loss_fn, self.calls, self.count = loss_fn, set(calls), 0
+
+    def __call__(self, raw, targets):
+        loss, items = self.loss_fn(raw, targets)
+        self.count += 1
+        if self.count - 1 in self.calls:
+            loss = loss * float("nan")
+        return loss, items
+
+
+def test_nonfinite_loss_is_skipped_then_recovered_from(tiny, tmp_path, caplog):
+    config = tiny_config(tiny, tmp_path, epochs=4, batch_size=4)  # 2 steps per epoch
+    trainer = Trainer(config)
+    snapshots = []
+    trainer.callbacks.register(
+        "on_epoch_end", lambda t: snapshots.append(t.model.state_dict()["model.0.conv.weight"].clone())
+    )
+    # call 1: one skipped step; calls 4, 5, 6 (epoch 2 and 3): three in a row -> restore epoch 1's end state
+    trainer.loss_fn = NonFiniteAt(trainer.loss_fn, calls={1, 4, 5, 6})
+    with caplog.at_level(logging.WARNING, logger="detector"):
+        trainer.fit()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("step skipped" in m for m in messages) == 4
+    assert sum("restored the weights of the last epoch end" in m for m in messages) == 1
+    assert trainer.lr_factor == pytest.approx(0.1)
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values() if v.is_floating_point())
+    assert load_checkpoint(trainer.last_path)["lr_factor"] == pytest.approx(0.1)  # a resumed run keeps it
+
+
+def test_persistent_nonfinite_loss_stops_with_a_clear_error(tiny, tmp_path):
+    trainer = Trainer(tiny_config(tiny, tmp_path, epochs=4, batch_size=4))
+    trainer.loss_fn = NonFiniteAt(trainer.loss_fn, calls=range(2, 100))
+    with pytest.raises(TrainingDivergedError, match=r"non-finite .* even after restoring"):
+        trainer.fit()
+    assert trainer.lr_factor == pytest.approx(0.1)  # the recovery was tried once
+
+
+def test_same_seed_gives_identical_weights_and_multi_scale_bf16_run(tiny, tmp_path):
+    states = []
+    for name in ("a", "b"):
+        config = tiny_config(tiny, tmp_path, name=name, epochs=2, batch_size=4, multi_scale=True, amp="bf16", seed=3)
+        trainer = Trainer(config)
+        trainer.fit()
+        assert trainer.amp_dtype == torch.bfloat16
+        states.append(trainer.model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_train_py_writes_the_run_folder(tiny, tmp_path):
+    command = [
+        sys.executable,
+        "train.py",
+        "--data",
+        tiny["data"],
+        "--cfg",
+        tiny["cfg"],
+        "--img",
+        "64",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--workers",
+        "1",
+        "--project",
+        str(tmp_path / "runs"),
+        "--name",
+        "cli",
+        "--noautoanchor",
+        "--hyp",
+        "hyp.no-augmentation.yaml",
+        "--save-period",
+        "1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    run = tmp_path / "runs" / "cli"
+    for name in (
+        "config.yaml",
+        "hyp.yaml",
+        "opt.yaml",
+        "results.csv",
+        "results.png",
+        "labels.jpg",
+        "train_batch0.jpg",
+        "confusion_matrix.png",
+        "log.txt",
+    ):
+        assert (run / name).is_file(), name
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["imgsz"] == 64 and saved["hyp"]["mosaic"] == 0.0 and saved["epochs"] == 2
+    assert yaml.safe_load((run / "opt.yaml").read_text())["save_dir"] == str(run)
+    rows = read_results(run / "results.csv")
+    assert [row["epoch"] for row in rows] == [0, 1] and all(row["train/box_loss"] > 0 for row in rows)
+    last, best = load_checkpoint(run / "weights" / "last.pt"), load_checkpoint(run / "weights" / "best.pt")
+    assert last["optimizer"] is None and last["model"] is not None and last["epoch"] == 1
+    assert best["optimizer"] is None and best["ema"] is not None
+    assert last["train_config"]["imgsz"] == 64 and last["ema"]["model.0.conv.weight"].dtype == torch.float32
+    assert (run / "weights" / "epoch0.pt").is_file() and (run / "weights" / "epoch1.pt").is_file()
+    assert "mAP50-95" in result.stdout + result.stderr  # the final per-class table

@@ -1,0 +1,91 @@
+"""Resume: a run killed with SIGKILL mid-epoch continues from its last checkpoint to the same final weights."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from detector.config import MODEL_CONFIG_DIR, REPO_ROOT
+from detector.data.builtin import ensure_builtin_dataset
+from detector.engine.callbacks import read_results
+from detector.utils.checkpoint import load_checkpoint
+
+# One torch thread per process: the tiny model gains nothing from two, and they crawl on a shared 2-core machine.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    data = ensure_builtin_dataset(root / "data", num_train=8, num_val=4, progress=False)
+    model = yaml.safe_load((MODEL_CONFIG_DIR / "yolov5n.yaml").read_text())
+    model["width_multiple"] = 0.125
+    (root / "tiny.yaml").write_text(yaml.safe_dump(model))
+    return root, data
+
+
+def train_command(root, data, name: str, epochs: int = 4) -> list[str]:
+    return [
+        sys.executable, "train.py", "--data", str(data), "--cfg", str(root / "tiny.yaml"), "--img", "64",
+        "--batch-size", "4", "--epochs", str(epochs), "--workers", "1", "--deterministic", "--seed", "5",
+        "--project", str(root / "runs"), "--name", name, "--noplots", "--noautoanchor",
+    ]  # fmt: skip
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
+    return result
+
+
+def assert_same_weights(path_a, path_b) -> None:
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    for entry in ("model", "ema"):
+        assert a[entry].keys() == b[entry].keys()
+        different = [k for k in a[entry] if not torch.equal(a[entry][k], b[entry][k])]
+        assert not different, f"{entry}: {len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tiny):
+    root, data = tiny
+    run(train_command(root, data, "straight"))
+
+    killed = subprocess.Popen(
+        train_command(root, data, "killed"), cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    last = root / "runs" / "killed" / "weights" / "last.pt"
+    deadline = time.time() + 180
+    while not last.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)  # during epoch 1, right after epoch 0's checkpoint was renamed into place
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert load_checkpoint(last)["epoch"] == 0
+
+    resumed = run([sys.executable, "train.py", "--resume", str(last), "--workers", "0"])  # workers may change
+    assert "Resuming" in resumed.stdout + resumed.stderr
+    assert_same_weights(root / "runs" / "straight" / "weights" / "last.pt", last)
+    assert [row["epoch"] for row in read_results(root / "runs" / "killed" / "results.csv")] == [0, 1, 2, 3]
+
+    # A finished run is extended with --epochs; another changed option is refused, naming the flag.
+    refused = subprocess.run(
+        [sys.executable, "train.py", "--resume", str(last), "--img", "96"], cwd=REPO_ROOT, env=ENV,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--imgsz cannot change when resuming" in refused.stderr
+    finished = subprocess.run(
+        [sys.executable, "train.py", "--resume", str(last)], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert finished.returncode == 2 and "pass --epochs larger than 4" in finished.stderr
+    run([sys.executable, "train.py", "--resume", str(last), "--epochs", "5"])
+    assert load_checkpoint(last)["epoch"] == 4
+    assert len(read_results(root / "runs" / "killed" / "results.csv")) == 5

@@ -1,0 +1,224 @@
+"""Trainer helpers: config merging and resume rules, weight transfer, freezing, multi-scale, AMP check, seeds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from detector.config import TrainConfig, config_to_dict
+from detector.engine.trainer import (
+    SAFE_RESUME_KEYS,
+    build_train_config,
+    check_amp,
+    epoch_seed,
+    find_last_checkpoint,
+    freeze_layers,
+    frozen_layer_indices,
+    random_image_size,
+    resize_batch,
+    resolve_amp,
+    resolve_defaults,
+    set_train_mode,
+    strip_optimizer,
+    transfer_weights,
+)
+from detector.errors import CheckpointError, ConfigError
+from detector.utils.checkpoint import load_checkpoint, save_checkpoint
+
+
+class Layered(nn.Module):
+    """A stand-in with DetectionModel's layout: top-level layers in ``self.model`` (names ``model.<i>.``)."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.model = nn.ModuleList(
+            [
+                nn.Sequential(nn.Conv2d(3 if i == 0 else width, width, 3, padding=1), nn.BatchNorm2d(width))
+                for i in range(3)
+            ]
+        )
+
+    def forward(self, x):
+        for layer in self.model:
+            x = layer(x)
+        return x
+
+
+# -- config ----------------------------------------------------------------------------------------------------------
+
+
+def test_build_train_config_precedence_defaults_config_hyp_flags(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("epochs: 7\nbatch_size: 8\nhyp:\n  lr0: 0.5\n  momentum: 0.5\n")
+    hyp_file = tmp_path / "hyp.yaml"
+    hyp_file.write_text("lr0: 0.02\nmosaic: 0.0\n")
+    config = build_train_config({"config": str(config_file), "hyp": str(hyp_file), "batch_size": 4, "rect": True})
+    assert config.epochs == 7  # --config over the default
+    assert config.batch_size == 4  # the flag over --config
+    assert config.hyp.lr0 == 0.02 and config.hyp.mosaic == 0.0  # --hyp over --config
+    assert config.hyp.momentum == 0.5  # --config's hyp key that --hyp does not set survives
+    assert config.hyp.weight_decay == 0.0005 and config.rect is True
+
+
+def test_build_train_config_rejects_typos_with_suggestion():
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        build_train_config({"epoch": 3})
+
+
+def test_resolve_defaults_builtin_vs_dataset():
+    from detector.data.builtin import BUILTIN_TRAIN_DEFAULTS
+
+    builtin = resolve_defaults(TrainConfig())
+    assert (builtin.imgsz, builtin.epochs) == (BUILTIN_TRAIN_DEFAULTS["imgsz"], BUILTIN_TRAIN_DEFAULTS["epochs"])
+    assert builtin.cfg == "yolov5n.yaml"
+    other = resolve_defaults(TrainConfig(data="my.yaml", weights="x.pt", imgsz=320))
+    assert (other.imgsz, other.epochs, other.cfg) == (320, 100, "")
+
+
+def _saved_run(tmp_path, **changes):
+    config = dataclasses.replace(TrainConfig(data="d.yaml", epochs=5, imgsz=64, batch_size=8), **changes)
+    path = tmp_path / "runs" / "exp" / "weights" / "last.pt"
+    path.parent.mkdir(parents=True)
+    save_checkpoint({"train_config": config_to_dict(config), "epoch": 2}, path)
+    return path
+
+
+def test_resume_takes_the_saved_config_and_allows_safe_flags(tmp_path):
+    path = _saved_run(tmp_path, hyp=dataclasses.replace(TrainConfig().hyp, lr0=0.03))
+    config = build_train_config({"resume": str(path), "epochs": 9, "batch_size": 4, "workers": 0, "imgsz": 64})
+    assert config.resume == str(path)
+    assert (config.data, config.imgsz, config.hyp.lr0) == ("d.yaml", 64, 0.03)  # saved values, imgsz unchanged
+    assert (config.epochs, config.batch_size, config.workers) == (9, 4, 0)  # safe to change
+    assert set(SAFE_RESUME_KEYS) == {"workers", "device", "batch_size", "epochs", "patience"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "flag"), [({"imgsz": 128}, "--imgsz"), ({"hyp": {"lr0": 0.5}}, "--hyp"), ({"cos_lr": True}, "--cos-lr")]
+)
+def test_resume_refuses_other_changes_naming_the_flag(tmp_path, flags, flag):
+    path = _saved_run(tmp_path)
+    with pytest.raises(ConfigError, match=f"{flag} cannot change when resuming"):
+        build_train_config({"resume": str(path), **flags})
+
+
+def test_bare_resume_finds_the_latest_last_pt(tmp_path):
+    first = _saved_run(tmp_path)
+    second = tmp_path / "runs" / "exp2" / "weights" / "last.pt"
+    second.parent.mkdir(parents=True)
+    second.write_bytes(first.read_bytes())
+    assert find_last_checkpoint(tmp_path / "runs") == second
+    config = build_train_config({"resume": "auto", "project": str(tmp_path / "runs")})
+    assert config.resume == str(second)
+    with pytest.raises(ConfigError, match=r"no last\.pt found"):
+        find_last_checkpoint(tmp_path / "empty")
+
+
+def test_resume_from_weights_without_training_state_is_refused(tmp_path):
+    path = tmp_path / "w.pt"
+    save_checkpoint({"model": {}}, path)
+    with pytest.raises(CheckpointError, match="no training state"):
+        build_train_config({"resume": str(path)})
+
+
+# -- model helpers ----------------------------------------------------------------------------------------------------
+
+
+def test_transfer_weights_copies_matching_names_and_shapes_only():
+    torch.manual_seed(0)
+    source, target = Layered(width=4), Layered(width=4)
+    target.model[2] = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6))  # a different "head"
+    state = source.state_dict()
+    copied = transfer_weights(target, state)
+    # layers 0 and 1: conv weight + bias + 5 BN entries each; of layer 2 (other shapes) only the BN's scalar
+    # num_batches_tracked matches
+    assert len(copied) == 2 * 7 + 1 and "model.2.1.num_batches_tracked" in copied
+    assert torch.equal(target.model[0][0].weight, source.model[0][0].weight)
+    assert not torch.equal(target.model[2][0].weight[:4], source.model[2][0].weight)
+    assert len(transfer_weights(target, state, skip=("model.1.",))) == 7 + 1
+
+
+def test_freeze_keeps_frozen_batchnorm_statistics_fixed():
+    torch.manual_seed(0)
+    model = Layered()
+    assert frozen_layer_indices((2,)) == [0, 1] and frozen_layer_indices((0,)) == []
+    assert frozen_layer_indices((4, 1)) == [1, 4]
+    frozen = freeze_layers(model, frozen_layer_indices((2,)))
+    assert [p.requires_grad for p in model.parameters()] == [False] * 8 + [True] * 4
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    set_train_mode(model, frozen)
+    model(torch.randn(2, 3, 8, 8) * 5 + 3)  # a forward pass in training mode updates unfrozen BN statistics
+    after = model.state_dict()
+    for name, value in before.items():
+        changed = not torch.equal(value, after[name])
+        assert changed == name.startswith("model.2."), name
+    assert model.training and not model.model[0].training and model.model[2].training
+
+
+def test_random_image_size_is_a_stride_multiple_in_range():
+    rng = np.random.default_rng(0)
+    sizes = {random_image_size(320, 32, rng) for _ in range(300)}
+    assert all(size % 32 == 0 for size in sizes)
+    assert min(sizes) == 160 and max(sizes) == 480  # 0.5x .. 1.5x of 320
+
+
+def test_resize_batch_scales_the_long_side_and_rounds_to_stride():
+    images = torch.rand(2, 3, 320, 256)
+    resized = resize_batch(images, 160, 32)
+    assert resized.shape == (2, 3, 160, 128)
+    assert resize_batch(images, 320, 32) is images
+    odd = resize_batch(torch.rand(1, 3, 320, 200), 480, 32)  # 200 * 1.5 = 300 -> 320
+    assert odd.shape == (1, 3, 480, 320)
+
+
+def test_epoch_seed_depends_only_on_seed_and_epoch():
+    assert epoch_seed(0, 3) == epoch_seed(0, 3)
+    assert len({epoch_seed(0, e) for e in range(50)} | {epoch_seed(1, 3)}) == 51
+
+
+# -- AMP ---------------------------------------------------------------------------------------------------------------
+
+
+def test_resolve_amp_modes():
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) is None and resolve_amp("off", cpu) is None
+    assert resolve_amp("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        resolve_amp("fp16", cpu)
+
+
+class AutocastSensitive(nn.Module):
+    """Gives garbage under autocast, as a broken AMP implementation would."""
+
+    def forward(self, x):
+        out = x.mean(dim=(2, 3), keepdim=True).flatten(1)
+        return out * 1000 if torch.is_autocast_enabled("cpu") else out
+
+
+def test_check_amp_passes_for_bf16_and_catches_wrong_results():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(), nn.Conv2d(8, 4, 3)).eval()
+    assert check_amp(model, torch.device("cpu"), torch.bfloat16, imgsz=64)
+    assert not check_amp(AutocastSensitive(), torch.device("cpu"), torch.bfloat16, imgsz=64)
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------------
+
+
+def test_strip_optimizer_keeps_fp32_weights(tmp_path):
+    model = Layered()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(1, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "best.pt"
+    save_checkpoint({"model": state, "ema": state, "optimizer": optimizer.state_dict(), "epoch": 3}, path)
+    size = path.stat().st_size
+    strip_optimizer(path, keep_model=False)
+    stripped = load_checkpoint(path)
+    assert stripped["optimizer"] is None and stripped["model"] is None and stripped["epoch"] == 3
+    assert all(torch.equal(stripped["ema"][k], v) and v.dtype == stripped["ema"][k].dtype for k, v in state.items())
+    assert path.stat().st_size < size
