@@ -26,6 +26,8 @@ CONFIG_DIR = REPO_ROOT / "configs"
 MODEL_CONFIG_DIR = CONFIG_DIR / "models"
 HYP_CONFIG_DIR = CONFIG_DIR / "hyps"
 DATA_CONFIG_DIR = REPO_ROOT / "data"
+# What `python train.py` uses on the built-in dataset, under any --config, --hyp and flags (CPU-friendly recipe).
+BUILTIN_TRAIN_CONFIG = CONFIG_DIR / "builtin.yaml"
 
 T = TypeVar("T")
 

@@ -45,9 +45,6 @@ LOGGER = logging.getLogger(__name__)
 
 BUILTIN_VERSION = "shapes-v1"  # bump when the generator's output changes, so caches regenerate
 BUILTIN_CLASSES: tuple[str, ...] = ("ellipse", "rectangle", "triangle", "star", "cross", "ring", "diamond", "arrow")
-# What `python train.py` uses with the built-in dataset when --img/--epochs are not given: sized so that yolov5n
-# trains on 2 CPU cores in about 10 minutes (~30 img/s at 256 px: 400 images x 30 epochs + validation).
-BUILTIN_TRAIN_DEFAULTS: dict[str, int] = {"imgsz": 256, "epochs": 30}
 BUILTIN_SEED = 0
 NUM_TRAIN_IMAGES = 400
 NUM_VAL_IMAGES = 100
@@ -526,7 +523,6 @@ def _remove_stale_partials(root: Path) -> None:
 
 __all__ = [
     "BUILTIN_CLASSES",
-    "BUILTIN_TRAIN_DEFAULTS",
     "BUILTIN_VERSION",
     "builtin_dataset_dir",
     "ensure_builtin_dataset",

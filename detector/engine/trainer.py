@@ -36,6 +36,7 @@ import yaml
 from torch import nn
 
 from detector.config import (
+    BUILTIN_TRAIN_CONFIG,
     HYP_CONFIG_DIR,
     Hyperparameters,
     TrainConfig,
@@ -46,7 +47,6 @@ from detector.config import (
     resolve_config_path,
     save_config,
 )
-from detector.data.builtin import BUILTIN_TRAIN_DEFAULTS
 from detector.data.dataset_config import load_dataset_config
 from detector.data.loader import create_dataloader
 from detector.data.stats import plot_labels
@@ -67,7 +67,7 @@ from detector.engine.validator import Validator, create_val_dataloader
 from detector.errors import CheckpointError, ConfigError
 from detector.models.autoanchor import check_anchors
 from detector.models.loading import checkpoint_model_entries, load_model, model_from_checkpoint
-from detector.models.loss import DetectionLoss, scale_loss_gains
+from detector.models.loss import DetectionLoss, initialize_focal_biases, scale_loss_gains
 from detector.models.yolo import DetectionModel
 from detector.ops.metrics import Metrics, fitness
 from detector.utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
@@ -118,9 +118,15 @@ def build_train_config(flags: Mapping[str, Any], source: str = "command line") -
     """
     layers = _config_layers(flags, source)
     config = build_config(TrainConfig, *layers)
-    if not config.resume:
-        return config
-    return _resume_config(config, layers)
+    if config.resume:
+        return _resume_config(config, layers)
+    if is_builtin_data(config.data):  # the built-in dataset's recipe sits under everything the user gave
+        config = build_config(TrainConfig, (str(BUILTIN_TRAIN_CONFIG), load_yaml(BUILTIN_TRAIN_CONFIG)), *layers)
+    return config
+
+
+def is_builtin_data(data: str) -> bool:
+    return data in ("", "builtin")
 
 
 def _config_layers(flags: Mapping[str, Any], source: str) -> list[tuple[str, Mapping[str, Any]]]:
@@ -183,9 +189,9 @@ def _resume_config(given: TrainConfig, layers: list[tuple[str, Mapping[str, Any]
 
 
 def resolve_defaults(config: TrainConfig) -> TrainConfig:
-    """Fill the options whose default depends on the dataset: imgsz/epochs (built-in: its CPU-friendly values)."""
-    if config.data in ("", "builtin"):
-        defaults = BUILTIN_TRAIN_DEFAULTS
+    """Fill the options whose default depends on the dataset: imgsz/epochs (built-in: configs/builtin.yaml's)."""
+    if is_builtin_data(config.data):
+        defaults = load_yaml(BUILTIN_TRAIN_CONFIG)
     else:
         defaults = {"imgsz": DEFAULT_IMGSZ, "epochs": DEFAULT_EPOCHS}
     changes = {key: defaults[key] for key in ("imgsz", "epochs") if getattr(config, key) is None}
@@ -508,7 +514,10 @@ class Trainer:
                 raise CheckpointError(f"{config.resume}: trained for {model.nc} classes, the dataset has {nc}")
             return model
         if not config.weights:
-            return DetectionModel(config.cfg, nc=nc, anchors=anchors)
+            model = DetectionModel(config.cfg, nc=nc, anchors=anchors)
+            if config.hyp.fl_gamma > 0:  # focal loss from scratch: start classes at RetinaNet's small prior
+                initialize_focal_biases(model)
+            return model
         source = load_model(config.weights)
         model = DetectionModel(config.cfg or source.yaml, nc=nc, anchors=anchors)
         # YOLOv5 keeps the checkpoint's (possibly AutoAnchor-evolved) anchors unless the hyp asks for new ones.

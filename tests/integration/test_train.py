@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -73,6 +74,18 @@ def test_tiny_model_learns(tiny, tmp_path):
     Trainer(config, callbacks=callbacks).fit()
     assert len(losses) == 24
     assert losses[-1] < 0.7 * losses[0], losses  # one optimizer step per epoch on the same 8 images
+
+
+@pytest.mark.parametrize("fl_gamma", [0.0, 1.5])
+def test_focal_loss_from_scratch_starts_classes_at_the_retinanet_prior(tiny, tmp_path, fl_gamma):
+    config = tiny_config(tiny, tmp_path)
+    trainer = Trainer(dataclasses.replace(config, hyp=dataclasses.replace(config.hyp, fl_gamma=fl_gamma)))
+    head = trainer.model.detect
+    class_biases = torch.cat([conv.bias.view(head.na, -1)[:, 5:].flatten() for conv in head.m])
+    if fl_gamma:  # exactly sigmoid^-1(0.01)
+        assert torch.allclose(class_biases, torch.full_like(class_biases, math.log(0.01 / 0.99)), atol=1e-6)
+    else:  # YOLOv5's prior log(0.6 / (nc - 0.99)) added to the random initial biases
+        assert class_biases.mean().item() == pytest.approx(math.log(0.6 / (head.nc - 0.99)), abs=0.2)
 
 
 class NonFiniteAt:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from detector.config import TrainConfig, config_to_dict
+from detector.config import BUILTIN_TRAIN_CONFIG, TrainConfig, config_to_dict, load_yaml
 from detector.engine.trainer import (
     SAFE_RESUME_KEYS,
     build_train_config,
@@ -64,16 +64,27 @@ def test_build_train_config_precedence_defaults_config_hyp_flags(tmp_path):
     assert config.hyp.weight_decay == 0.0005 and config.rect is True
 
 
+def test_builtin_recipe_applies_under_the_users_options_and_only_to_the_builtin_dataset(tmp_path):
+    recipe = load_yaml(BUILTIN_TRAIN_CONFIG)
+    builtin = build_train_config({})
+    assert builtin.optimizer == recipe["optimizer"] and builtin.nbs == recipe["nbs"]
+    assert builtin.hyp.lr0 == recipe["hyp"]["lr0"] and builtin.epochs == recipe["epochs"]
+    mine = build_train_config({"optimizer": "SGD", "epochs": 3, "hyp": {"lr0": 0.05}})
+    assert (mine.optimizer, mine.epochs, mine.hyp.lr0) == ("SGD", 3, 0.05)
+    assert mine.hyp.momentum == recipe["hyp"]["momentum"]  # a recipe key the user did not set survives
+    other = build_train_config({"data": "my.yaml"})
+    assert other == TrainConfig(data="my.yaml")  # other datasets get YOLOv5's defaults
+
+
 def test_build_train_config_rejects_typos_with_suggestion():
     with pytest.raises(ConfigError, match="did you mean 'epochs'"):
         build_train_config({"epoch": 3})
 
 
 def test_resolve_defaults_builtin_vs_dataset():
-    from detector.data.builtin import BUILTIN_TRAIN_DEFAULTS
-
+    recipe = load_yaml(BUILTIN_TRAIN_CONFIG)
     builtin = resolve_defaults(TrainConfig())
-    assert (builtin.imgsz, builtin.epochs) == (BUILTIN_TRAIN_DEFAULTS["imgsz"], BUILTIN_TRAIN_DEFAULTS["epochs"])
+    assert (builtin.imgsz, builtin.epochs) == (recipe["imgsz"], recipe["epochs"])
     assert builtin.cfg == "yolov5n.yaml"
     other = resolve_defaults(TrainConfig(data="my.yaml", weights="x.pt", imgsz=320))
     assert (other.imgsz, other.epochs, other.cfg) == (320, 100, "")
