@@ -309,17 +309,7 @@ class TorchScriptBackend(Backend):
 
     def __init__(self, weights: Path, device: torch.device, half: bool) -> None:
         super().__init__(weights, device, half)
-        extra_files = {"config.txt": ""}
-        try:
-            self.model = torch.jit.load(str(weights), map_location=device, _extra_files=extra_files).eval()
-        except RuntimeError:  # export --optimize writes a lite-interpreter file, which needs the mobile loader
-            from torch.jit.mobile import _load_for_lite_interpreter
-
-            try:
-                self.model = _load_for_lite_interpreter(str(weights), map_location=device, _extra_files=extra_files)
-            except (RuntimeError, ValueError) as e:
-                raise CheckpointError(f"{weights}: not a readable TorchScript file ({_first_line(e)})") from e
-        metadata = json.loads(extra_files["config.txt"]) if extra_files["config.txt"] else {}
+        self.model, metadata = load_torchscript(weights, device)
         _apply_metadata(self, metadata, str(weights))
         parameters = getattr(self.model, "parameters", None)  # lite modules have none to inspect
         parameter = next(parameters(), None) if parameters is not None else None
@@ -330,6 +320,22 @@ class TorchScriptBackend(Backend):
     def forward(self, images: Tensor) -> Tensor:
         output = self.model(images)
         return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def load_torchscript(path: Path, device: torch.device) -> tuple[Any, dict[str, Any]]:
+    """A ``torch.jit`` file in eval mode and its metadata (the JSON ``config.txt`` extra file, {} if absent)."""
+    extra_files = {"config.txt": ""}
+    try:
+        model = torch.jit.load(str(path), map_location=device, _extra_files=extra_files).eval()
+    except RuntimeError:  # export --optimize writes a lite-interpreter file, which needs the mobile loader
+        from torch.jit.mobile import _load_for_lite_interpreter
+
+        try:
+            model = _load_for_lite_interpreter(str(path), map_location=device, _extra_files=extra_files)
+        except (RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable TorchScript file ({_first_line(e)})") from e
+    text = extra_files["config.txt"]
+    return model, json.loads(text) if text else {}
 
 
 def _exported_input_shape(metadata: Mapping[str, Any]) -> tuple[int | None, int | None, int | None, int | None]:

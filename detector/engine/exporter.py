@@ -16,7 +16,6 @@ in docs/architecture.md ("Export formats"); :func:`read_metadata` reads it back 
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import copy
 import datetime
@@ -45,6 +44,7 @@ import yaml
 from torch import Tensor, nn
 
 from detector.config import ExportConfig, build_config
+from detector.engine.backends import decode_metadata_value, load_torchscript, split_engine_header
 from detector.errors import ConfigError, DetectorError, ExportError
 from detector.ops.nms import non_max_suppression
 from detector.utils.files import file_size_mb, increment_path
@@ -138,17 +138,6 @@ def model_names(model: nn.Module) -> list[str]:
     return [str(n) for n in names]
 
 
-def _parse_metadata_value(text: str) -> Any:
-    """A metadata string: JSON (ours), else a Python literal (YOLOv5's ONNX writes ``names`` as a dict repr)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            return ast.literal_eval(text)  # literals only: never runs code
-        except (ValueError, SyntaxError):
-            return text
-
-
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """Metadata of an exported model, any format: .torchscript, .onnx, *_openvino_model/ (or its .xml), .engine.
 
@@ -166,18 +155,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         import onnx
 
         proto = onnx.load(str(path), load_external_data=False)
-        return {p.key: _parse_metadata_value(p.value) for p in proto.metadata_props}
+        return {p.key: decode_metadata_value(p.value) for p in proto.metadata_props}
     if path.suffix == ".engine":
-        return read_engine_file(path)[0]
-    extra_files = {"config.txt": ""}
-    try:
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra_files)
-    except RuntimeError:  # a lite-interpreter file (--optimize) needs the mobile loader
-        from torch.jit.mobile import _load_for_lite_interpreter
-
-        _load_for_lite_interpreter(str(path), map_location="cpu", _extra_files=extra_files)
-    text = extra_files["config.txt"]
-    return json.loads(text) if text else {}
+        return split_engine_header(path.read_bytes())[0]
+    return load_torchscript(path, torch.device("cpu"))[1]
 
 
 def write_engine_file(path: Path, metadata: dict[str, Any], engine: bytes) -> None:
@@ -187,19 +168,6 @@ def write_engine_file(path: Path, metadata: dict[str, Any], engine: bytes) -> No
         f.write(struct.pack("<I", len(header)))
         f.write(header)
         f.write(engine)
-
-
-def read_engine_file(path: Path) -> tuple[dict[str, Any], bytes]:
-    """(metadata, serialized engine) of a .engine file; metadata {} for a plain engine without our header."""
-    data = Path(path).read_bytes()
-    if len(data) >= 4:
-        length = struct.unpack("<I", data[:4])[0]
-        if 0 < length <= len(data) - 4:
-            with contextlib.suppress(UnicodeDecodeError, json.JSONDecodeError):
-                metadata = json.loads(data[4 : 4 + length].decode("utf-8"))
-                if isinstance(metadata, dict):
-                    return metadata, data[4 + length :]
-    return {}, data
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -967,7 +935,7 @@ class TensorRTFormat(ExportFormat):
         import tensorrt as trt
 
         device = self.cuda_device(ctx)
-        _, engine_bytes = read_engine_file(path)
+        _, engine_bytes = split_engine_header(path.read_bytes())
         logger = trt.Logger(trt.Logger.WARNING)
         trt.init_libnvinfer_plugins(logger, "")
         engine = trt.Runtime(logger).deserialize_cuda_engine(engine_bytes)

@@ -19,6 +19,7 @@ from torch import nn
 
 from detector.cli.export import FLAGS, build_parser, main
 from detector.config import ExportConfig, build_config
+from detector.engine.backends import split_engine_header
 from detector.engine.exporter import (
     FORMATS,
     NMS_OUTPUT_NAMES,
@@ -26,7 +27,6 @@ from detector.engine.exporter import (
     TensorRTFormat,
     compare_detections,
     export_image_size,
-    read_engine_file,
     read_metadata,
     reference_detections,
     validate_config,
@@ -176,10 +176,10 @@ def test_engine_header_round_trip_and_plain_engine(tmp_path: Path) -> None:
     metadata = {"names": ["a", "b"], "stride": 32, "nms": True}
     path = tmp_path / "model.engine"
     write_engine_file(path, metadata, b"\x00ENGINE-BYTES")
-    assert read_engine_file(path) == (metadata, b"\x00ENGINE-BYTES")
+    assert split_engine_header(path.read_bytes()) == (metadata, b"\x00ENGINE-BYTES")
     assert read_metadata(path)["names"] == ["a", "b"]
     (tmp_path / "plain.engine").write_bytes(b"\xff\xff\xff\x7fnot a header")  # a headerless engine
-    assert read_engine_file(tmp_path / "plain.engine") == ({}, b"\xff\xff\xff\x7fnot a header")
+    assert split_engine_header((tmp_path / "plain.engine").read_bytes()) == ({}, b"\xff\xff\xff\x7fnot a header")
 
 
 def test_read_metadata_accepts_yolov5_style_onnx_names(tmp_path: Path) -> None:
@@ -359,7 +359,7 @@ def test_tensorrt_build_options_and_engine_file(tmp_path: Path, monkeypatch: pyt
     ctx = _tensorrt_context(tmp_path, half=True, dynamic=True, batch_size=8, workspace=2.0, nms=True, topk_all=50)
     path = TensorRTFormat().write(ctx)  # type: ignore[arg-type]
     assert path == tmp_path / "model.engine"
-    metadata, engine = read_engine_file(path)
+    metadata, engine = split_engine_header(path.read_bytes())
     assert engine == b"SERIALIZED-ENGINE" and metadata["nms"] is True and metadata["topk_all"] == 50
     assert fake.calls["onnx"].endswith("model_tensorrt.onnx")  # the EfficientNMS_TRT flavor for --nms
     assert fake.calls["workspace"] == 2 * 2**30 and fake.calls["flags"] == ["fp16"] and fake.calls["plugins"]
