@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from tiny_models import strided_convs_yaml
 
 from detector.config import DetectConfig
 from detector.engine.predictor import Detector, run_detect
@@ -23,20 +24,6 @@ from detector.utils.checkpoint import save_checkpoint
 from detector.utils.drawing import class_color
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY_MODEL_YAML = {
-    "nc": 2,
-    "depth_multiple": 1.0,
-    "width_multiple": 1.0,
-    "anchors": [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]],
-    "backbone": [
-        [-1, 1, "Conv", [8, 3, 2]],
-        [-1, 1, "Conv", [8, 3, 2]],
-        [-1, 1, "Conv", [16, 3, 2]],
-        [-1, 1, "Conv", [16, 3, 2]],
-        [-1, 1, "Conv", [16, 3, 2]],
-    ],
-    "head": [[[2, 3, 4], 1, "Detect", ["nc", "anchors"]]],
-}
 
 
 def run_detect_script(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -61,7 +48,7 @@ def xywhn_to_xyxy(rows: np.ndarray, width: int, height: int) -> np.ndarray:
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Our checkpoint of a ~8k-parameter model whose biases make it find boxes everywhere (for plumbing tests)."""
     torch.manual_seed(0)
-    model = DetectionModel(TINY_MODEL_YAML)
+    model = DetectionModel(strided_convs_yaml(nc=2))
     model.names = ["thing", "other"]
     with torch.no_grad():
         for conv in model.detect.m:

@@ -14,6 +14,7 @@ import onnx
 import pytest
 import torch
 import yaml
+from tiny_models import strided_convs_yaml
 from torch import nn
 
 from detector.engine.backends import (
@@ -37,20 +38,6 @@ pytestmark = [
 ]
 
 NAMES = ["cat", "dog", "bird"]
-TINY_MODEL_YAML = {
-    "nc": 3,
-    "depth_multiple": 1.0,
-    "width_multiple": 1.0,
-    "anchors": [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]],
-    "backbone": [
-        [-1, 1, "Conv", [8, 3, 2]],
-        [-1, 1, "Conv", [8, 3, 2]],
-        [-1, 1, "Conv", [16, 3, 2]],
-        [-1, 1, "Conv", [16, 3, 2]],
-        [-1, 1, "Conv", [16, 3, 2]],
-    ],
-    "head": [[[2, 3, 4], 1, "Detect", ["nc", "anchors"]]],
-}
 
 
 def _metadata(imgsz: tuple[int, int], dynamic: bool, **extra: object) -> dict[str, object]:
@@ -71,7 +58,7 @@ def _metadata(imgsz: tuple[int, int], dynamic: bool, **extra: object) -> dict[st
 @pytest.fixture(scope="module")
 def tiny_model() -> DetectionModel:
     torch.manual_seed(0)
-    model = DetectionModel(TINY_MODEL_YAML).eval()
+    model = DetectionModel(strided_convs_yaml(nc=3)).eval()
     model.names = list(NAMES)
     with torch.no_grad():  # objectness/class biases up, so thresholds leave plenty of boxes to compare
         for conv in model.detect.m:

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from tiny_models import strided_convs_yaml
 
 from detector.config import ExportConfig
 from detector.engine import exporter
@@ -32,20 +33,6 @@ pytestmark = [
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["cat", "dog", "bird"]
-TINY_MODEL_YAML = {
-    "nc": 3,
-    "depth_multiple": 1.0,
-    "width_multiple": 1.0,
-    "anchors": [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]],
-    "backbone": [
-        [-1, 1, "Conv", [8, 3, 2]],
-        [-1, 1, "Conv", [8, 3, 2]],
-        [-1, 1, "Conv", [16, 3, 2]],
-        [-1, 1, "Conv", [16, 3, 2]],
-        [-1, 1, "Conv", [16, 3, 2]],
-    ],
-    "head": [[[2, 3, 4], 1, "Detect", ["nc", "anchors"]]],
-}
 
 
 def _with_detections(model: DetectionModel) -> DetectionModel:
@@ -61,7 +48,7 @@ def _with_detections(model: DetectionModel) -> DetectionModel:
 @pytest.fixture(scope="module")
 def tiny_model() -> DetectionModel:
     torch.manual_seed(0)
-    return _with_detections(DetectionModel(TINY_MODEL_YAML))
+    return _with_detections(DetectionModel(strided_convs_yaml(nc=3)))
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_models import yolov5_blocks_yaml as tiny_yaml
 from torch import nn
 
 from detector.config import MODEL_CONFIG_DIR
@@ -39,32 +40,6 @@ YOLOV5_P6 = {
     "yolov5x6.yaml": (140.7, 209.8),
 }
 YOLOV5_P6_FUSED = {"yolov5s6.yaml": 12_612_508, "yolov5l6.yaml": 76_726_332, "yolov5x6.yaml": 140_730_220}
-
-TINY_YAML = {
-    "nc": 3,
-    "depth_multiple": 0.33,
-    "width_multiple": 0.125,
-    "anchors": [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119]],
-    "backbone": [
-        [-1, 1, "Conv", [64, 6, 2, 2]],
-        [-1, 1, "Conv", [128, 3, 2]],
-        [-1, 3, "C3", [128]],
-        [-1, 1, "Conv", [256, 3, 2]],
-        [-1, 1, "SPPF", [256, 5]],
-    ],
-    "head": [
-        [-1, 1, "nn.Upsample", ["None", 2, "nearest"]],
-        [[-1, 2], 1, "Concat", [1]],
-        [-1, 1, "C3", [128, False]],
-        [[7, 4], 1, "Detect", ["nc", "anchors"]],
-    ],
-}
-
-
-def tiny_yaml(**changes) -> dict:
-    config = copy.deepcopy(TINY_YAML)
-    config.update(changes)
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +233,7 @@ def test_reversed_anchor_order_is_flipped() -> None:
     config["anchors"] = config["anchors"][::-1]  # large anchors first, but level 0 has the small stride
     model = DetectionModel(config)
     pixels = model.detect.anchors * model.stride.view(-1, 1, 1)
-    assert torch.allclose(pixels, torch.tensor(TINY_YAML["anchors"], dtype=torch.float32).view(2, 3, 2))
+    assert torch.allclose(pixels, torch.tensor(tiny_yaml()["anchors"], dtype=torch.float32).view(2, 3, 2))
 
 
 def _detect_with_strides(nc: int = 2) -> Detect:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from tiny_models import yolov5_blocks_yaml
 from torch import nn
 
 from detector.errors import CheckpointError
@@ -23,27 +24,6 @@ from detector.models.head import Detect
 from detector.models.loading import load_model
 from detector.models.yolo import DetectionModel
 from detector.models.yolov5_import import StandIn, read_yolov5_checkpoint
-
-TINY_YAML = {
-    "nc": 3,
-    "depth_multiple": 0.33,
-    "width_multiple": 0.125,
-    "anchors": [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119]],
-    "backbone": [
-        [-1, 1, "Conv", [64, 6, 2, 2]],
-        [-1, 1, "Conv", [128, 3, 2]],
-        [-1, 3, "C3", [128]],
-        [-1, 1, "Conv", [256, 3, 2]],
-        [-1, 1, "SPPF", [256, 5]],
-    ],
-    "head": [
-        [-1, 1, "nn.Upsample", ["None", 2, "nearest"]],
-        [[-1, 2], 1, "Concat", [1]],
-        [-1, 1, "C3", [128, False]],
-        [[7, 4], 1, "Detect", ["nc", "anchors"]],
-    ],
-}
-
 
 # -- a YOLOv5-format file built in the test ---------------------------------------------------------------------------
 
@@ -92,7 +72,7 @@ def _as_yolov5_pickle(model: DetectionModel, modules: dict[str, types.ModuleType
 @pytest.fixture()
 def tiny_model() -> DetectionModel:
     torch.manual_seed(0)
-    model = DetectionModel(TINY_YAML)
+    model = DetectionModel(yolov5_blocks_yaml())
     with torch.no_grad():
         model.train()(torch.rand(2, 3, 64, 64))  # non-trivial BatchNorm statistics
     model.names = ["ant", "bee", "wasp"]
