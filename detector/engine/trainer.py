@@ -542,8 +542,9 @@ class Trainer:
 
     def _setup_optimizer(self) -> None:
         config, hyp = self.config, self.config.hyp
-        self.accumulate = accumulate_steps(config.batch_size)  # up to the nominal 64 images per optimizer step
-        weight_decay = scaled_weight_decay(hyp.weight_decay, config.batch_size, self.accumulate)
+        # Accumulate up to the nominal batch (``nbs``, YOLOv5's 64) per optimizer step.
+        self.accumulate = accumulate_steps(config.batch_size, config.nbs)
+        weight_decay = scaled_weight_decay(hyp.weight_decay, config.batch_size, self.accumulate, config.nbs)
         self.optimizer = build_optimizer(self.model, config.optimizer, hyp.lr0, hyp.momentum, weight_decay)
         self.group_weight_decays = [group["weight_decay"] for group in self.optimizer.param_groups]
         self.lr_schedule = lr_lambda(config.epochs, hyp.lrf, cosine=config.cos_lr)
@@ -744,7 +745,7 @@ class Trainer:
         if iteration >= self.warmup_iterations:
             return self.accumulate
         warmup(self.optimizer, iteration, self.warmup_iterations, self._epoch_lr_factor(), self.config.hyp)
-        return warmup_accumulate_steps(iteration, self.warmup_iterations, self.config.batch_size)
+        return warmup_accumulate_steps(iteration, self.warmup_iterations, self.config.batch_size, self.config.nbs)
 
     def _epoch_lr_factor(self) -> float:
         return self.lr_schedule(self.epoch) * self.lr_factor

@@ -76,6 +76,19 @@ def test_tiny_model_learns(tiny, tmp_path):
     assert losses[-1] < 0.7 * losses[0], losses  # one optimizer step per epoch on the same 8 images
 
 
+@pytest.mark.parametrize(("nbs", "optimizer_steps"), [(4, 2), (64, 1)])
+def test_nominal_batch_size_sets_accumulation_and_weight_decay(tiny, tmp_path, nbs, optimizer_steps):
+    """Batches of 4 over 8 images: nbs 4 steps after each batch, nbs 64 only at the epoch's end."""
+    config = tiny_config(tiny, tmp_path, epochs=1, batch_size=4, nbs=nbs, optimizer="Adam")
+    trainer = Trainer(config)
+    trainer.fit()
+    accumulate = max(round(nbs / 4), 1)
+    assert trainer.accumulate == accumulate
+    assert max(trainer.group_weight_decays) == pytest.approx(config.hyp.weight_decay * 4 * accumulate / nbs)
+    steps = {int(state["step"]) for state in trainer.optimizer.state.values()}
+    assert steps == {optimizer_steps}
+
+
 @pytest.mark.parametrize("fl_gamma", [0.0, 1.5])
 def test_focal_loss_from_scratch_starts_classes_at_the_retinanet_prior(tiny, tmp_path, fl_gamma):
     config = tiny_config(tiny, tmp_path)
