@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import get_args
 
 from detector.cli.common import given_flags, new_parser, run_cli
-from detector.config import TrainConfig
+from detector.config import BUILTIN_TRAIN_CONFIG, TrainConfig, load_yaml
 from detector.utils.torch_utils import device_ids
 
 DESCRIPTION = """Train a detector on a dataset YAML (or the built-in dataset), YOLOv5's flags.
@@ -31,11 +31,15 @@ examples:
 """
 
 DEFAULTS = TrainConfig()
+BUILTIN_RECIPE = load_yaml(BUILTIN_TRAIN_CONFIG)  # what the built-in dataset uses instead of DEFAULTS
 
 
 def _default(name: str) -> str:
     value = getattr(DEFAULTS, name)
-    return f" (default: {value!r})" if not isinstance(value, tuple) else f" (default: {' '.join(map(str, value))})"
+    shown = repr(value) if not isinstance(value, tuple) else " ".join(map(str, value))
+    if name in BUILTIN_RECIPE:
+        return f" (default: {shown}; on the built-in dataset {BUILTIN_RECIPE[name]!r}, from configs/builtin.yaml)"
+    return f" (default: {shown})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="single_cls",
         help="train multi-class data as single-class (default: False)",
     )
-    add("--optimizer", choices=_choices("optimizer"), help="optimizer" + _default("optimizer"))
+    add(
+        "--optimizer",
+        choices=_choices("optimizer"),
+        help="optimizer" + _default("optimizer"),
+    )
     add("--sync-bn", action="store_true", dest="sync_bn", help="SyncBatchNorm, DDP on CUDA only (default: False)")
     add(
         "--workers", type=int, help="max dataloader workers per DDP process (capped by CPU count)" + _default("workers")
