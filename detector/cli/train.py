@@ -114,11 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="single_cls",
         help="train multi-class data as single-class (default: False)",
     )
-    add(
-        "--optimizer",
-        choices=_choices("optimizer"),
-        help="optimizer" + _default("optimizer"),
-    )
+    add("--optimizer", choices=_choices("optimizer"), help="optimizer" + _default("optimizer"))
     add("--sync-bn", action="store_true", dest="sync_bn", help="SyncBatchNorm, DDP on CUDA only (default: False)")
     add(
         "--workers", type=int, help="max dataloader workers per DDP process (capped by CPU count)" + _default("workers")

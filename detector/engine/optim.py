@@ -2,8 +2,9 @@
 
 - Three parameter groups, named in ``group["name"]``: ``bias`` (no weight decay), ``weight`` (decay) and
   ``norm`` (BatchNorm and other normalisation weights, no decay: decaying a scale only fights the next layer).
-- A nominal batch of 64: smaller batches accumulate gradients over ``accumulate_steps(batch_size)`` steps and
-  the weight decay is rescaled by the effective batch, so one hyperparameter file fits every batch size.
+- A nominal batch (TrainConfig ``nbs``, YOLOv5's 64): smaller batches accumulate gradients over
+  ``accumulate_steps(batch_size, nbs)`` steps and the weight decay is rescaled by the effective batch, so one
+  hyperparameter file fits every batch size. The nominal batch has no default here: the caller passes the config's.
 - Epoch schedules are multipliers of ``lr0`` (for ``torch.optim.lr_scheduler.LambdaLR``), registered by name in
   :data:`LR_SCHEDULES`; :func:`warmup` overrides learning rate and momentum per iteration during the first
   iterations.
@@ -25,7 +26,6 @@ from detector.errors import ConfigError
 
 LOGGER = logging.getLogger(__name__)
 
-NOMINAL_BATCH_SIZE = 64
 MIN_WARMUP_ITERATIONS = 100
 OPTIMIZER_NAMES = ("SGD", "Adam", "AdamW")
 ADAM_BETA2 = 0.999
@@ -117,15 +117,13 @@ def _construct(
     return optimizer_class(param_groups, **options)
 
 
-def accumulate_steps(batch_size: int, nominal_batch_size: int = NOMINAL_BATCH_SIZE) -> int:
+def accumulate_steps(batch_size: int, nominal_batch_size: int) -> int:
     """Optimiser steps happen every ``max(round(nominal / batch_size), 1)`` batches (gradient accumulation)."""
     return max(round(nominal_batch_size / batch_size), 1)
 
 
-def scaled_weight_decay(
-    weight_decay: float, batch_size: int, accumulate: int, nominal_batch_size: int = NOMINAL_BATCH_SIZE
-) -> float:
-    """Weight decay for an effective batch of ``batch_size * accumulate`` (hyp files state it for batch 64)."""
+def scaled_weight_decay(weight_decay: float, batch_size: int, accumulate: int, nominal_batch_size: int) -> float:
+    """Weight decay for an effective batch of ``batch_size * accumulate`` (hyp files state it for the nominal batch)."""
     return weight_decay * batch_size * accumulate / nominal_batch_size
 
 
@@ -201,9 +199,7 @@ def warmup(
             group["momentum"] = float(np.interp(iteration, points, [hyp.warmup_momentum, hyp.momentum]))
 
 
-def warmup_accumulate_steps(
-    iteration: int, warmup_iterations: int, batch_size: int, nominal_batch_size: int = NOMINAL_BATCH_SIZE
-) -> int:
+def warmup_accumulate_steps(iteration: int, warmup_iterations: int, batch_size: int, nominal_batch_size: int) -> int:
     """Gradient accumulation during warmup: from 1 at iteration 0 up to ``nominal / batch_size`` at the end."""
     steps = np.interp(iteration, [0, warmup_iterations], [1, nominal_batch_size / batch_size])
     return max(1, round(float(steps)))

@@ -92,10 +92,12 @@ def test_unknown_optimizer_is_a_config_error():
 
 
 def test_accumulation_and_weight_decay_scaling():
-    assert [accumulate_steps(b) for b in (1, 16, 24, 64, 128)] == [64, 4, 3, 1, 1]
-    assert scaled_weight_decay(5e-4, batch_size=16, accumulate=4) == pytest.approx(5e-4)
-    assert scaled_weight_decay(5e-4, batch_size=24, accumulate=3) == pytest.approx(5e-4 * 72 / 64)
-    assert scaled_weight_decay(5e-4, batch_size=128, accumulate=1) == pytest.approx(1e-3)
+    assert [accumulate_steps(b, 64) for b in (1, 16, 24, 64, 128)] == [64, 4, 3, 1, 1]
+    assert scaled_weight_decay(5e-4, batch_size=16, accumulate=4, nominal_batch_size=64) == pytest.approx(5e-4)
+    assert scaled_weight_decay(5e-4, batch_size=24, accumulate=3, nominal_batch_size=64) == pytest.approx(
+        5e-4 * 72 / 64
+    )
+    assert scaled_weight_decay(5e-4, batch_size=128, accumulate=1, nominal_batch_size=64) == pytest.approx(1e-3)
 
 
 def test_schedule_end_points_and_midpoints():
@@ -160,10 +162,10 @@ def test_warmup_leaves_adam_betas_alone():
 
 
 def test_warmup_accumulation_ramps_to_nominal_batch():
-    assert warmup_accumulate_steps(0, 100, batch_size=16) == 1
-    assert warmup_accumulate_steps(50, 100, batch_size=16) == 2  # 2.5 rounds to even
-    assert warmup_accumulate_steps(100, 100, batch_size=16) == 4
-    assert warmup_accumulate_steps(100, 100, batch_size=128) == 1
+    assert warmup_accumulate_steps(0, 100, batch_size=16, nominal_batch_size=64) == 1
+    assert warmup_accumulate_steps(50, 100, batch_size=16, nominal_batch_size=64) == 2  # 2.5 rounds to even
+    assert warmup_accumulate_steps(100, 100, batch_size=16, nominal_batch_size=64) == 4
+    assert warmup_accumulate_steps(100, 100, batch_size=128, nominal_batch_size=64) == 1
 
 
 def test_yolov5n_groups_match_yolov5s_optimizer_log():
