@@ -89,6 +89,7 @@ class TrainConfig:
     noautoanchor: bool = False  # skip the AutoAnchor check
     noplots: bool = False  # save no plot files
     cache: Literal["", "ram", "disk"] = ""  # cache decoded images in RAM or as .npy files on disk
+    cache_dir: str = ""  # folder for label caches; "" = beside the labels, or the user cache when not writable
     image_weights: bool = False  # sample images weighted by (1 - per-class mAP)^2 of their classes
     device: str = ""  # "cpu", "0", "0,1,2,3"; "" = first CUDA device if any, else CPU
     multi_scale: bool = False  # vary image size +/- 50% each batch
@@ -126,6 +127,7 @@ class ValConfig:
     device: str = ""
     workers: int = 8
     single_cls: bool = False  # treat as a single-class dataset
+    cache_dir: str = ""  # folder for label caches; "" = beside the labels, or the user cache when not writable
     augment: bool = False  # test-time augmentation
     verbose: bool = False  # report mAP per class
     save_txt: bool = False  # save results to *.txt

@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="cache images in 'ram' (bare --cache) or on 'disk' (default: no cache)",
     )
     add(
+        "--cache-dir",
+        type=str,
+        dest="cache_dir",
+        help="folder for label caches ('' = beside the labels, or the user cache folder when that is not writable)"
+        + _default("cache_dir"),
+    )
+    add(
         "--image-weights",
         action="store_true",
         dest="image_weights",

@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", type=str, help="cuda device, i.e. 0 or cpu; '' = CUDA 0 if present, else CPU" + _default("device"))
     add("--workers", type=int, help="max dataloader workers (capped by CPU count)" + _default("workers"))
     add("--single-cls", action="store_true", dest="single_cls", help="treat as single-class" + _default("single_cls"))
+    add(
+        "--cache-dir",
+        type=str,
+        dest="cache_dir",
+        help="folder for label caches ('' = beside the labels, or the user cache folder when that is not writable)"
+        + _default("cache_dir"),
+    )
     add("--augment", action="store_true", help="test-time augmentation (scales + flip)" + _default("augment"))
     add("--verbose", action="store_true", help="report mAP per class" + _default("verbose"))
     add(
