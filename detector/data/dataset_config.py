@@ -12,6 +12,9 @@ A dataset YAML names where the images are and what the classes are called::
     labels: yolo_labels              # ours, optional: label folder when labels do not follow /images/ -> /labels/
     annotations: annotations/instances_val2017.json  # ours, optional: COCO JSON ground truth for pycocotools
 
+The YAMLs that ship with detector (``data/*.yaml`` in a checkout, ``detector/configs/data`` when installed) are
+the exception: their relative ``path`` is inside :func:`datasets_dir`, so a download never lands in site-packages.
+
 Every mistake stops with one line naming the file, the key and what was expected (:class:`ConfigError`).
 YOLOv5 executes a ``download:`` string that is Python or shell code; here such a value is refused.
 """
@@ -27,8 +30,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from detector.config import DATA_CONFIG_DIR, load_yaml, resolve_config_path
+from detector.config import DATA_CONFIG_DIR, PACKAGE_DIR, load_yaml, resolve_config_path
 from detector.errors import ConfigError
+from detector.utils.files import cache_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -51,13 +55,34 @@ _COCO_UNUSED_IDS = frozenset({12, 26, 29, 30, 45, 66, 68, 69, 71, 83})
 COCO80_TO_COCO91: tuple[int, ...] = tuple(i for i in range(1, 91) if i not in _COCO_UNUSED_IDS)
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
-CONVERTERS = ("voc",)  # values of `convert:`; implemented in detector.data.download
+CONVERTERS = ("voc",)  # values of `convert:`; implemented in detector.data.convert, run after a download
 
 _SPLIT_KEYS = ("train", "val", "test")
 _KNOWN_KEYS = ("path", *_SPLIT_KEYS, "names", "nc", "download", "convert", "labels", "annotations")
 # Keys that common exporters (Roboflow, Ultralytics HUB, pose datasets) write: accepted with a warning.
 _IGNORED_KEYS = ("roboflow", "license", "url", "description", "version", "author", "date", "kpt_shape", "flip_idx")
 _BUILTIN_SPECS = ("", "builtin")
+DATASETS_DIR_ENV = "DETECTOR_DATASETS_DIR"
+
+
+def datasets_dir() -> Path:
+    """The folder holding the datasets of detector's own YAMLs (``coco128.yaml`` -> ``<datasets_dir>/coco128``).
+
+    ``$DETECTOR_DATASETS_DIR`` when set; else, running from a source checkout, the ``datasets`` folder beside the
+    checkout (where YOLOv5 keeps them, so its downloads are reused); else, for an installed package, the user cache's
+    ``datasets`` folder (``~/.cache/detector/datasets``, where the built-in dataset is generated too).
+    """
+    if folder := os.environ.get(DATASETS_DIR_ENV):
+        return Path(folder).expanduser().resolve()
+    checkout = PACKAGE_DIR.parent
+    if (checkout / "pyproject.toml").is_file():
+        return (checkout.parent / "datasets").resolve()
+    return (cache_dir() / "datasets").resolve()
+
+
+def _is_packaged_yaml(yaml_path: Path) -> bool:
+    """Whether ``yaml_path`` is one of the dataset YAMLs shipped with detector."""
+    return yaml_path.resolve().parent == DATA_CONFIG_DIR.resolve()
 
 
 @dataclass(frozen=True)
@@ -137,8 +162,9 @@ def load_dataset_config(spec: str | Path, *, check_paths: bool = True, download:
     """Read and validate a dataset YAML.
 
     Args:
-        spec: a YAML path; a bare name (``"coco128.yaml"``, ``"coco128"``) is also looked up in the repo's
-            ``data/`` folder; ``""`` or ``"builtin"`` is the built-in synthetic dataset (generated on first use).
+        spec: a YAML path; a bare name (``"coco128.yaml"``, ``"coco128"``) is also looked up in detector's own
+            dataset YAMLs (``data/`` in a checkout); ``""`` or ``"builtin"`` is the built-in synthetic dataset
+            (generated on first use).
         check_paths: require every train/val/test source (and ``annotations``) to exist. Turn off when only the
             class names are needed (e.g. detect.py).
         download: when paths are missing and the YAML has ``download:``, fetch and unpack the archives, then
@@ -163,7 +189,7 @@ def parse_dataset_config(data: Mapping[str, Any], yaml_path: Path) -> DatasetCon
     where = str(yaml_path)
     _check_keys(data, where)
     names = _parse_names(data, where)
-    root = _resolve_root(data.get("path"), yaml_path.parent, where)
+    root = _resolve_root(data.get("path"), yaml_path, where)
     splits = {key: _parse_sources(data.get(key), key, root, where) for key in _SPLIT_KEYS}
     for key in ("train", "val"):
         if not splits[key]:
@@ -232,8 +258,10 @@ def _parse_names(data: Mapping[str, Any], where: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _resolve_root(raw: Any, yaml_dir: Path, where: str) -> Path:
-    """`path` relative to the YAML's folder; a YOLOv5 YAML relative to the working folder is accepted too."""
+def _resolve_root(raw: Any, yaml_path: Path, where: str) -> Path:
+    """`path` relative to the YAML's folder (to :func:`datasets_dir` for detector's own YAMLs); a YOLOv5 YAML
+    relative to the working folder is accepted too."""
+    yaml_dir = yaml_path.parent
     if raw is None or raw == "":
         return yaml_dir
     if not isinstance(raw, str):
@@ -241,6 +269,8 @@ def _resolve_root(raw: Any, yaml_dir: Path, where: str) -> Path:
     path = Path(os.path.expanduser(raw))
     if path.is_absolute():
         return path.resolve()
+    if _is_packaged_yaml(yaml_path):
+        return (datasets_dir() / path).resolve()
     root = (yaml_dir / path).resolve()
     cwd_root = path.resolve()
     # YOLOv5 resolves `path` against its repository folder; users running from there get the same folder.
@@ -335,5 +365,7 @@ def _ensure_paths(config: DatasetConfig, *, download: bool) -> DatasetConfig:
             why = " (downloading was turned off)"
         else:
             why = " and the YAML has no 'download' URL"
+        if _is_packaged_yaml(config.yaml_path):
+            why += f"; {DATASETS_DIR_ENV} names the folder that holds {config.root.name}/"
         raise ConfigError(f"{config.yaml_path}: key '{key}': {path} does not exist{why}")
     return config

@@ -66,7 +66,7 @@ def test_repo_dataset_yamls_parse(name: str, nc: int, is_coco: bool, url_part: s
     assert config.yaml_path == (DATA_CONFIG_DIR / name).resolve()
     assert config.nc == nc and config.is_coco is is_coco
     assert any(url_part in spec.url for spec in config.download)
-    assert config.root.parent == DATA_CONFIG_DIR.parent.parent / "datasets"  # beside the checkout, as YOLOv5 does
+    assert config.root.parent == dc.datasets_dir()  # never inside the package (tests/unit/test_package_data.py)
 
 
 def test_voc_yaml_names_and_convert_step() -> None:
