@@ -1,4 +1,5 @@
-"""The ``detector`` console command: ``detector train|val|detect|export [flags]``, same flags as the scripts."""
+"""The ``detector`` console command: ``detector train|val|detect|export [flags]``, same flags as the scripts, and
+the data tools ``detector download DATASET.yaml`` and ``detector convert coco|voc ...``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-TASKS = ("train", "val", "detect", "export")
+TASKS = ("train", "val", "detect", "export", "download", "convert")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,10 +4,11 @@ Every transform is a small class with ``__call__(sample, rng) -> Sample``: it ta
 explicit ``np.random.Generator`` and returns a new Sample, so a seed reproduces the augmentation exactly and a
 transform can be tested alone. The training order is written once, in :func:`build_train_transforms`:
 
-    mosaic (4 or 9 images) -> random perspective -> mixup -> cutout -> albumentations -> HSV -> flips
+    mosaic (4 or 9 images) -> copy-paste -> random perspective -> mixup -> cutout -> albumentations -> HSV -> flips
 
 Adding an augmentation (CutMix, TrivialAugment, ...) is one new class here plus one line in that function.
-Steps that need other images (mosaic, mixup) receive a :class:`SampleSource` and draw their own extra indices.
+Steps that need other images (mosaic, copy-paste, mixup) receive a :class:`SampleSource` and draw their own extra
+indices.
 
 Images are OpenCV's (H, W, 3) uint8 BGR arrays all the way through; boxes are xyxy pixels of that image.
 """
@@ -48,18 +49,19 @@ class Sample:
         labels = np.zeros(0, np.int64) if classes is None else np.asarray(classes, np.int64)
         return Sample(image, boxes.reshape(-1, 4), labels.reshape(-1))
 
-    def with_boxes(self, keep: np.ndarray) -> Sample:
-        """The same image with only the boxes selected by ``keep`` (a boolean mask or index array)."""
-        return replace(self, boxes_xyxy=self.boxes_xyxy[keep], classes=self.classes[keep])
-
 
 class SampleSource(Protocol):
-    """Where mosaic and mixup fetch their extra images: a dataset's image store."""
+    """Where mosaic, copy-paste and mixup fetch their extra images: a dataset's image store."""
 
     def __len__(self) -> int: ...
 
     def load_sample(self, index: int) -> Sample:
         """Image ``index`` resized so its long side is the training size, with its boxes in pixels."""
+        ...
+
+    def load_polygons(self, index: int) -> list[np.ndarray | None]:
+        """For each box of ``load_sample(index)``, its object's outline as (k, 2) float32 xy normalised to 0-1,
+        or None when the label is a plain box."""
         ...
 
 
@@ -162,9 +164,13 @@ def build_train_transforms(
     no source) samples arrive already letterboxed to their batch shape, which every step keeps.
     """
     output_shape = None if rect else (imgsz, imgsz)
+    square = source is not None and not rect
+    if hyp.copy_paste > 0 and not square:
+        LOGGER.info("copy_paste=%g ignored: it needs square training batches (no --rect)", hyp.copy_paste)
     geometry = Compose(
         [
-            *([Mosaic(source, imgsz, hyp.mosaic, hyp.mosaic9)] if source is not None and not rect else []),
+            *([Mosaic(source, imgsz, hyp.mosaic, hyp.mosaic9)] if square else []),
+            *([CopyPaste(source, hyp.copy_paste)] if square and hyp.copy_paste > 0 else []),
             RandomPerspective(
                 output_shape,
                 degrees=hyp.degrees,
@@ -175,12 +181,10 @@ def build_train_transforms(
             ),
         ]
     )
-    if hyp.copy_paste > 0:
-        LOGGER.info("copy_paste=%g ignored: it needs polygon labels and this dataset has boxes only", hyp.copy_paste)
     return Compose(
         [
             geometry,
-            *([MixUp(source, geometry, hyp.mixup)] if source is not None and not rect and hyp.mixup > 0 else []),
+            *([MixUp(source, geometry, hyp.mixup)] if square and hyp.mixup > 0 else []),
             *([Cutout(hyp.cutout)] if hyp.cutout > 0 else []),
             *([Albumentations(hyp.albumentations)] if hyp.albumentations > 0 else []),
             RandomHSV(hyp.hsv_h, hyp.hsv_s, hyp.hsv_v),
@@ -331,6 +335,151 @@ class Mosaic:
 
     def __repr__(self) -> str:
         return f"Mosaic(p={self.probability}, p9={self.nine_probability}, size={self.size})"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Copy-paste
+
+# A paste is refused when it would bring the part of an existing box covered by pasted boxes above this fraction of
+# the box's area (YOLOv5 refuses a paste whose box covers over 0.30 of one): an object hidden that much is no longer
+# a fair training target, yet its label would stay.
+COPY_PASTE_MAX_COVERED = 0.30
+
+
+@dataclass(frozen=True)
+class PasteObject:
+    """One object cut out of a donor image: the pixels of its box, its outline mask and its box in those pixels."""
+
+    patch: np.ndarray  # (h, w, 3) uint8 BGR: the donor's pixels under the box, rounded out to whole pixels
+    mask: np.ndarray | None  # (h, w) bool: the pixels inside the object's polygon; None for a box label (all)
+    box_xyxy: np.ndarray  # (4,) float32 the object's box in patch pixels
+    class_id: int
+
+
+def polygon_mask(points_xy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(height, width) bool mask of the pixels whose centre lies inside a polygon (even-odd rule).
+
+    ``points_xy`` (k, 2) are the vertices in pixel-edge coordinates (pixel (i, j) spans x in [i, i + 1]), so a
+    rectangle with corners (2, 2) and (6, 6) covers exactly pixels 2..5 on both axes, like the box it labels.
+    A centre exactly on a right or bottom edge is outside. Vectorised scan lines: each edge that crosses a row's
+    centre line toggles the inside state from the first pixel centre at or right of the crossing.
+    """
+    height, width = shape
+    start = np.asarray(points_xy, np.float64).reshape(-1, 2)
+    end = np.roll(start, -1, axis=0)
+    centre_y = np.arange(height, dtype=np.float64)[:, None] + 0.5
+    crosses = (start[:, 1] <= centre_y) != (end[:, 1] <= centre_y)  # (height, edges); horizontal edges never do
+    with np.errstate(divide="ignore", invalid="ignore"):
+        crossing_x = start[:, 0] + (centre_y - start[:, 1]) * (end[:, 0] - start[:, 0]) / (end[:, 1] - start[:, 1])
+    rows, edges = np.nonzero(crosses)
+    columns = np.clip(np.ceil(crossing_x[rows, edges] - 0.5), 0, width).astype(np.int64)
+    toggles = np.zeros((height, width + 1), np.int32)
+    np.add.at(toggles, (rows, columns), 1)
+    return (np.cumsum(toggles[:, :width], axis=1) % 2).astype(bool)
+
+
+def cut_objects(donor: Sample, polygons_xyn: Sequence[np.ndarray | None]) -> list[PasteObject]:
+    """The objects of ``donor`` ready to paste: by polygon mask where ``polygons_xyn[i]`` is an outline (k >= 3
+    points, normalised to the donor image), else by their box. Boxes under 2 px on a side are left out."""
+    height, width = donor.image.shape[:2]
+    objects = []
+    for box, class_id, polygon in zip(donor.boxes_xyxy, donor.classes, polygons_xyn, strict=True):
+        left, top = max(math.floor(box[0]), 0), max(math.floor(box[1]), 0)
+        right, bottom = min(math.ceil(box[2]), width), min(math.ceil(box[3]), height)
+        if box[2] - box[0] < 2 or box[3] - box[1] < 2 or right <= left or bottom <= top:
+            continue
+        mask = None
+        if polygon is not None and len(polygon) >= 3:
+            points = polygon * np.array([width, height], np.float32) - np.array([left, top], np.float32)
+            mask = polygon_mask(points, (bottom - top, right - left))
+        shift = np.array([left, top, left, top], np.float32)
+        objects.append(PasteObject(donor.image[top:bottom, left:right], mask, box - shift, int(class_id)))
+    return objects
+
+
+def paste_objects(
+    sample: Sample,
+    objects: Sequence[PasteObject],
+    positions: Sequence[tuple[int, int]],
+    *,
+    max_covered: float = COPY_PASTE_MAX_COVERED,
+) -> Sample:
+    """Deterministic paste: object i's patch goes with its top-left at ``positions[i]`` (x, y), in order.
+
+    Only the mask's pixels are copied (the whole patch for a box label), and the object's box joins the sample's.
+    Every box keeps at least ``1 - max_covered`` of its area free of pasted boxes: a paste is skipped when the
+    fraction of some box already there (an original one, or an object pasted before it) covered by pasted boxes,
+    this one included, would exceed ``max_covered``. Where pastes overlap each other over a box, that part counts
+    once per paste, and boxes rather than masks are compared: both err towards refusing. The input image is never
+    modified: a copy is made at the first accepted paste.
+    """
+    image = sample.image
+    height, width = image.shape[:2]
+    boxes, classes = sample.boxes_xyxy, sample.classes
+    pasted_boxes, pasted_classes = [], []
+    covered = np.zeros(len(boxes), np.float64)  # fraction of each box (originals, then pastes) under pastes
+    for paste, (x, y) in zip(objects, positions, strict=True):
+        patch_h, patch_w = paste.patch.shape[:2]
+        if x < 0 or y < 0 or x + patch_w > width or y + patch_h > height:
+            raise ValueError(f"paste at ({x}, {y}) of a {patch_w}x{patch_h} patch falls outside {width}x{height}")
+        box = paste.box_xyxy + np.array([x, y, x, y], np.float32)
+        # float64: a paste covering exactly max_covered of a box must not be refused over float32 rounding
+        existing = (np.concatenate([boxes, *pasted_boxes]) if pasted_boxes else boxes).astype(np.float64)
+        areas = np.maximum((existing[:, 2] - existing[:, 0]) * (existing[:, 3] - existing[:, 1]), 1e-9)
+        after = covered + _intersection_areas(existing, box.astype(np.float64)) / areas
+        if (after > max_covered).any():
+            continue
+        covered = np.append(after, 0.0)
+        if image is sample.image:
+            image = image.copy()
+        region = image[y : y + patch_h, x : x + patch_w]
+        if paste.mask is None:
+            region[:] = paste.patch
+        else:
+            region[paste.mask] = paste.patch[paste.mask]
+        pasted_boxes.append(box[None])
+        pasted_classes.append(paste.class_id)
+    if not pasted_boxes:
+        return sample
+    return Sample(
+        image,
+        np.concatenate([boxes, *pasted_boxes]).astype(np.float32),
+        np.concatenate([classes, np.array(pasted_classes, np.int64)]),
+    )
+
+
+class CopyPaste:
+    """With a probability, paste the objects of another image from ``source`` at random places (copy-paste).
+
+    Objects with polygon labels are cut out along their outline, box labels as their whole box (Ghiasi et al.,
+    https://arxiv.org/abs/2012.07177, pastes masks; a box crop is the best a box label allows). Each object of
+    the donor gets one random position where it fits whole, drawn from ``rng``; it is pasted unflipped, at the
+    donor's scale (the same as the mosaic tiles'), unless pasted boxes would then cover more than ``max_covered``
+    of some box's area (see :func:`paste_objects`). YOLOv5 instead pastes a mirrored copy of the canvas's own
+    objects; drawing a donor image brings objects from outside the mosaic. Placed right after mosaic, on the
+    mosaic canvas, so the perspective step then transforms original and pasted objects alike (YOLOv5's order).
+    """
+
+    def __init__(self, source: SampleSource, probability: float, max_covered: float = COPY_PASTE_MAX_COVERED) -> None:
+        self.source = source
+        self.probability = probability
+        self.max_covered = max_covered
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if self.probability <= 0 or rng.random() >= self.probability:
+            return sample
+        index = int(rng.integers(0, len(self.source)))
+        objects = cut_objects(self.source.load_sample(index), self.source.load_polygons(index))
+        height, width = sample.image.shape[:2]
+        fitting = [o for o in objects if o.patch.shape[0] <= height and o.patch.shape[1] <= width]
+        positions = [
+            (int(rng.integers(0, width - o.patch.shape[1] + 1)), int(rng.integers(0, height - o.patch.shape[0] + 1)))
+            for o in fitting
+        ]
+        return paste_objects(sample, fitting, positions, max_covered=self.max_covered)
+
+    def __repr__(self) -> str:
+        return f"CopyPaste(p={self.probability}, max_covered={self.max_covered})"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -648,13 +797,16 @@ class Albumentations:
 
 
 __all__ = [
+    "COPY_PASTE_MAX_COVERED",
     "PAD_VALUE",
     "Albumentations",
     "Compose",
+    "CopyPaste",
     "Cutout",
     "Letterbox",
     "MixUp",
     "Mosaic",
+    "PasteObject",
     "RandomFlip",
     "RandomHSV",
     "RandomPerspective",
@@ -662,10 +814,13 @@ __all__ = [
     "SampleSource",
     "box_candidates",
     "build_train_transforms",
+    "cut_objects",
     "flip",
     "letterbox",
     "letterbox_sample",
     "mosaic4",
     "mosaic9",
+    "paste_objects",
+    "polygon_mask",
     "transform_boxes",
 ]

@@ -1,30 +1,40 @@
-"""Convert COCO-JSON box annotations to YOLO label files.
+"""Label converters to YOLO format: COCO JSON boxes and PASCAL VOC XML.
 
-    python -m detector.data.convert coco annotations/instances_val2017.json datasets/mycoco [--images DIR]
-
+COCO (``python -m detector.cli.convert coco annotations/instances_val2017.json datasets/mycoco [--images DIR]``)
 writes ``<out_dir>/labels/<split>/<image stem>.txt`` (``split`` is the JSON name without ``instances_``, e.g.
 ``val2017``), ``<out_dir>/<split>.yaml`` (a dataset YAML for train.py/val.py) and ``<out_dir>/<split>_categories.json``
 (the mapping from contiguous class index to COCO category id, needed to write COCO results back).
 COCO category ids (1..90 with gaps for COCO itself) become contiguous 0..n-1 in increasing id order.
 Crowd annotations (``iscrowd: 1``) and boxes without area are skipped.
+
+VOC (``python -m detector.cli.convert voc ../datasets/VOC``, and the ``convert: voc`` step of a dataset YAML's
+download) lays out an unpacked ``VOCdevkit`` as ``images/<set><year>`` and ``labels/<set><year>``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
+import xml.etree.ElementTree as ET
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm import tqdm
 
 from detector.errors import DataError
 
 LOGGER = logging.getLogger(__name__)
+
+# (year, image set) pairs of PASCAL VOC, as YOLOv5's VOC.yaml lays them out: images/<set><year>, labels/<set><year>.
+VOC_SPLITS = (("2012", "train"), ("2012", "val"), ("2007", "train"), ("2007", "val"), ("2007", "test"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# COCO JSON -> YOLO labels
 
 
 @dataclass(frozen=True)
@@ -134,23 +144,81 @@ def convert_coco_json(
     return ConversionResult(label_dir, dataset_yaml, names, category_ids, len(images), boxes, crowd)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m detector.data.convert", description=__doc__.splitlines()[0])
-    formats = parser.add_subparsers(dest="format", required=True)
-    coco = formats.add_parser("coco", help="COCO instances JSON -> YOLO labels")
-    coco.add_argument("json", help="COCO annotation file, e.g. annotations/instances_val2017.json")
-    coco.add_argument("out_dir", help="output dataset folder")
-    coco.add_argument("--images", default=None, help="folder holding the images (the YAML points at it)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+# --------------------------------------------------------------------------------------------------------------------
+# PASCAL VOC XML -> YOLO labels
+
+
+def convert_voc(root: str | Path, names: Sequence[str], *, progress: bool = True) -> dict[str, int]:
+    """Lay out an unpacked ``<root>/VOCdevkit`` as YOLO data: ``images/<set><year>`` and ``labels/<set><year>``.
+
+    Objects marked ``difficult`` are left out (as in YOLOv5's labels; VOC's own evaluation ignores them).
+    VOC boxes are 1-based inclusive pixel indices: ``xmin..xmax`` covers the continuous span ``[xmin - 1, xmax]``.
+
+    Returns:
+        counts: ``images``, ``objects``, ``difficult`` (left out), ``unknown_class`` and ``bad_xml`` (files skipped).
+    """
+    root = Path(root)
+    devkit = root / "VOCdevkit"
+    if not devkit.is_dir():
+        raise DataError(f"{root}: no VOCdevkit folder to convert (unpack the VOC archives here first)")
+    class_ids = {name: i for i, name in enumerate(names)}
+    counts = dict.fromkeys(("images", "objects", "difficult", "unknown_class", "bad_xml"), 0)
+    for year, image_set in VOC_SPLITS:
+        voc = devkit / f"VOC{year}"
+        list_file = voc / "ImageSets" / "Main" / f"{image_set}.txt"
+        if not list_file.is_file():
+            continue
+        images_dir = root / "images" / f"{image_set}{year}"
+        labels_dir = root / "labels" / f"{image_set}{year}"
+        images_dir.mkdir(parents=True, exist_ok=True)
+        labels_dir.mkdir(parents=True, exist_ok=True)
+        image_ids = list_file.read_text().split()
+        for image_id in tqdm(image_ids, desc=f"{image_set}{year}", disable=not progress):
+            rows = _voc_rows(voc / "Annotations" / f"{image_id}.xml", class_ids, counts)
+            if rows is None:
+                continue
+            (labels_dir / f"{image_id}.txt").write_text("".join(f"{row}\n" for row in rows))
+            source = voc / "JPEGImages" / f"{image_id}.jpg"
+            if source.is_file():
+                source.replace(images_dir / source.name)
+            counts["images"] += 1
+    if counts["bad_xml"] or counts["unknown_class"]:
+        LOGGER.warning("VOC conversion skipped %d unreadable XML files and %d objects of unknown classes",
+                       counts["bad_xml"], counts["unknown_class"])  # fmt: skip
+    LOGGER.info("VOC conversion: %s", counts)
+    return counts
+
+
+def _voc_rows(xml_file: Path, class_ids: dict[str, int], counts: dict[str, int]) -> list[str] | None:
+    """YOLO label rows of one VOC annotation, or None (warned and counted) when the XML is unusable."""
     try:
-        result = convert_coco_json(args.json, args.out_dir, args.images)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {result.label_dir} and {result.dataset_yaml}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        tree = ET.parse(xml_file)
+        size = tree.find("size")
+        width = float(size.findtext("width"))  # type: ignore[union-attr, arg-type]
+        height = float(size.findtext("height"))  # type: ignore[union-attr, arg-type]
+        if width <= 0 or height <= 0:
+            raise ValueError(f"image size {width}x{height}")
+        rows = []
+        for obj in tree.iter("object"):
+            name = (obj.findtext("name") or "").strip()
+            if name not in class_ids:
+                counts["unknown_class"] += 1
+                continue
+            if int(obj.findtext("difficult") or 0) == 1:
+                counts["difficult"] += 1
+                continue
+            box = obj.find("bndbox")
+            xmin, ymin, xmax, ymax = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))  # type: ignore[union-attr, arg-type]
+            x1, y1 = max(xmin - 1.0, 0.0), max(ymin - 1.0, 0.0)
+            x2, y2 = min(xmax, width), min(ymax, height)
+            if x2 <= x1 or y2 <= y1:
+                raise ValueError(f"empty box {xmin, ymin, xmax, ymax}")
+            cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
+            w, h = (x2 - x1) / width, (y2 - y1) / height
+            rows.append(f"{class_ids[name]} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+            counts["objects"] += 1
+        return rows
+    except (OSError, ET.ParseError, AttributeError, TypeError, ValueError) as e:
+        LOGGER.warning("%s: skipped, unreadable VOC annotation (%s)", xml_file, e)
+        counts["bad_xml"] += 1
+        return None

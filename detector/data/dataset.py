@@ -2,11 +2,12 @@
 
 Layout (YOLOv5's rule): ``.../images/.../name.jpg`` has its labels in ``.../labels/.../name.txt`` (the last
 ``images`` folder in the path becomes ``labels``), one row ``class x_center y_center width height`` per object,
-normalised to 0-1. A dataset can instead name its label folder (``label_dir``).
+normalised to 0-1; a row ``class x1 y1 x2 y2 ...`` is a polygon (YOLOv5 segment labels), trained on as its bounding
+box and kept as an outline for copy-paste. A dataset can instead name its label folder (``label_dir``).
 
 :class:`ImageStore` reads and resizes images (with an optional RAM or disk cache) and is the
-:class:`~detector.data.augment.SampleSource` that mosaic and mixup draw from. :class:`YOLODataset` adds the
-per-item pipeline: the training transforms, or a deterministic letterbox for validation and rectangular batches.
+:class:`~detector.data.augment.SampleSource` that mosaic, copy-paste and mixup draw from. :class:`YOLODataset` adds
+the per-item pipeline: the training transforms, or a deterministic letterbox for validation and rectangular batches.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from tqdm import tqdm
 
 from detector.config import Hyperparameters
 from detector.data.augment import Sample, build_train_transforms, letterbox_sample
-from detector.data.scan import IMAGE_SUFFIXES, scan_dataset
+from detector.data.media import IMAGE_SUFFIXES, read_image
+from detector.data.scan import folder_is_writable, label_cache_path, scan_dataset
 from detector.errors import DataError
 from detector.ops.boxes import xywhn2xyxy, xyxy2xywhn
 from detector.utils.files import atomic_write
@@ -36,13 +38,6 @@ LOGGER = logging.getLogger(__name__)
 SourceSpec = str | os.PathLike | Sequence[str | os.PathLike]
 RAM_CACHE_SAFETY = 1.2  # keep 20% of free memory for everything else when deciding whether a RAM cache fits
 RAM_CACHE_SAMPLE = 30  # images decoded to estimate the size of a RAM cache
-JPEG_SUFFIXES = (".jpg", ".jpeg")
-_REDUCED_READ_FLAGS = {
-    1: cv2.IMREAD_COLOR,
-    2: cv2.IMREAD_REDUCED_COLOR_2,
-    4: cv2.IMREAD_REDUCED_COLOR_4,
-    8: cv2.IMREAD_REDUCED_COLOR_8,
-}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -109,20 +104,12 @@ def image_to_label_path(image: Path, label_dir: Path | None = None, source_dir: 
 # Reading images
 
 
-def read_image(path: str, reduce: int = 1) -> np.ndarray:
-    """Decode an image file to (H, W, 3) uint8 BGR, upright (OpenCV applies the EXIF orientation).
-
-    ``reduce`` (1, 2, 4 or 8) decodes a JPEG directly at 1/reduce of its size, which libjpeg does in the DCT
-    domain: faster than a full decode plus resize, and an area-averaging downscale in effect.
-    """
-    image = cv2.imread(path, _REDUCED_READ_FLAGS[reduce] if path.lower().endswith(JPEG_SUFFIXES) else cv2.IMREAD_COLOR)
-    if image is None:
-        raise DataError(f"{path}: image cannot be read (it passed the scan; was it changed or removed since?)")
-    return image
-
-
 def reduction_factor(original_long_side: int, size: int) -> int:
-    """The largest JPEG decode reduction (1, 2, 4, 8) that still leaves the long side at least ``size``."""
+    """The largest JPEG decode reduction (1, 2, 4, 8) that still leaves the long side at least ``size``.
+
+    Decoding at 1/2, 1/4 or 1/8 (:func:`detector.data.media.read_image`'s ``reduce``) is faster than a full decode
+    followed by a resize, and the resize to ``size`` that follows then only shrinks by less than 2x.
+    """
     for factor in (8, 4, 2):
         if original_long_side // factor >= size:
             return factor
@@ -162,7 +149,9 @@ class ImageStore:
 
     ``load_image(i)`` returns the image resized so its long side is ``imgsz``. ``cache="ram"`` keeps those
     arrays in memory (refused with a warning when they would not fit); ``cache="disk"`` keeps each decoded
-    original as ``.npy`` beside its image, which loads faster than decoding a JPEG.
+    original as ``.npy`` beside its image, which loads faster than decoding a JPEG (not in a read-only folder:
+    images there load uncached). ``segments`` are the scan's outlines (:attr:`ScanResult.segments`), handed
+    to copy-paste by :meth:`load_polygons`.
     """
 
     def __init__(
@@ -172,6 +161,7 @@ class ImageStore:
         shapes: np.ndarray,
         imgsz: int,
         *,
+        segments: list[list[np.ndarray]] | None = None,
         cache: str = "",
         fast_resize: bool = False,
         prefix: str = "",
@@ -180,6 +170,7 @@ class ImageStore:
             raise DataError(f"--cache {cache!r}: expected 'ram', 'disk' or nothing")
         self.im_files = im_files
         self.labels = labels
+        self.segments = segments if segments is not None else [[] for _ in im_files]
         self.shapes = shapes  # (N, 2) original width, height: picks the JPEG decode reduction
         self.fast_resize = fast_resize
         self.imgsz = imgsz
@@ -207,6 +198,13 @@ class ImageStore:
         height, width = image.shape[:2]
         return Sample.create(image, xywhn2xyxy(labels[:, 1:5], width, height), labels[:, 0])
 
+    def load_polygons(self, index: int) -> list[np.ndarray | None]:
+        """For each box of :meth:`load_sample`, its outline (k, 2) float32 xy normalised to 0-1, or None (a box)."""
+        outlines = self.segments[index]
+        if not outlines:
+            return [None] * len(self.labels[index])
+        return [outline if len(outline) else None for outline in outlines]
+
     def _resize(self, image: np.ndarray) -> np.ndarray:
         return resize_long_side(image, self.imgsz, fast=self.fast_resize)
 
@@ -218,11 +216,7 @@ class ImageStore:
                 return np.load(npy, allow_pickle=False)
             except (OSError, ValueError):
                 pass  # not written (read-only folder) or damaged: decode the image instead
-        return read_image(path, reduction_factor(int(self.shapes[index].max()), self.imgsz))
-
-    def release(self) -> None:
-        """Drop the RAM cache now (it is also freed with the store)."""
-        self.ram = []
+        return read_image(path, reduce=reduction_factor(int(self.shapes[index].max()), self.imgsz))
 
     def _fill_ram_cache(self) -> None:
         needed = self._estimate_ram_bytes()
@@ -257,6 +251,12 @@ class ImageStore:
             npy = Path(path).with_suffix(".npy")
             if npy.is_file():
                 continue
+            if not folder_is_writable(npy.parent):
+                LOGGER.warning(
+                    "%sWARNING: --cache disk: %s is read-only; images load uncached", self.prefix, npy.parent
+                )
+                self.cache = ""
+                return
             try:
                 image = read_image(path)  # full size, so the cache serves any --img
                 atomic_write(npy, lambda f, image=image: np.save(f, image, allow_pickle=False))
@@ -283,7 +283,12 @@ class YOLODataset(Dataset):
     depends on the seed only, not on worker count or order. Without a seed, index ``i`` uses seed ``(seed, i)``.
 
     Attributes for other components: ``im_files``, ``label_files``, ``labels`` (list of (n, 5) float32
-    ``[class, xywhn]``), ``shapes`` ((N, 2) int64 original width, height), ``batch_shapes``/``batch_index`` (rect).
+    ``[class, xywhn]``), ``segments`` (per image: [] or one (k, 2) outline per label row, see
+    :attr:`~detector.data.scan.ScanResult.segments`), ``shapes`` ((N, 2) int64 original width, height),
+    ``batch_shapes``/``batch_index`` (rect).
+
+    The scan cache goes where :func:`~detector.data.scan.label_cache_path` says: beside the label folder when
+    that place is writable, else (or always, with ``cache_dir``) in ``cache_dir`` or the user cache folder.
     """
 
     def __init__(
@@ -301,6 +306,7 @@ class YOLODataset(Dataset):
         num_classes: int | None = None,
         single_cls: bool = False,
         label_dir: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
         workers: int = 8,
         seed: int = 0,
         prefix: str = "",
@@ -318,14 +324,11 @@ class YOLODataset(Dataset):
         pairs = find_images(sources)
         im_files = [str(image) for image, _ in pairs]
         label_files = [str(image_to_label_path(image, label_root, folder)) for image, folder in pairs]
-        # "<labels>.detector.cache", not YOLOv5's "<labels>.cache": both tools can share a dataset without
-        # overwriting each other's cache.
-        cache_path = Path(label_files[0]).parent.with_suffix(".detector.cache")
         scan = scan_dataset(
             im_files,
             label_files,
             num_classes=None if single_cls else num_classes,
-            cache_path=cache_path,
+            cache_path=label_cache_path(Path(label_files[0]).parent, cache_dir),
             workers=workers,
             prefix=prefix,
         )
@@ -335,6 +338,7 @@ class YOLODataset(Dataset):
         self.label_files = scan.label_files
         self.shapes = scan.shapes
         self.labels = [labels.copy() for labels in scan.labels]
+        self.segments = scan.segments
         if single_cls:
             for labels in self.labels:
                 labels[:, 0] = 0
@@ -345,9 +349,16 @@ class YOLODataset(Dataset):
         if rect:
             self._sort_for_rect(batch_size, pad)
         self.store = ImageStore(
-            self.im_files, self.labels, self.shapes, imgsz, cache=cache, fast_resize=augment, prefix=prefix
+            self.im_files,
+            self.labels,
+            self.shapes,
+            imgsz,
+            segments=self.segments,
+            cache=cache,
+            fast_resize=augment,
+            prefix=prefix,
         )
-        # The store, not the dataset, is the mosaic/mixup source: no reference cycle, so the cache is freed
+        # The store, not the dataset, is the mosaic/copy-paste/mixup source: no reference cycle, so the cache is freed
         # as soon as the dataset is, not at some later garbage collection.
         self.transforms = (
             build_train_transforms(self.hyp, imgsz, None if rect else self.store, rect=rect) if augment else None
@@ -398,9 +409,9 @@ class YOLODataset(Dataset):
         out_dir = label_folder.parent.parent if splits_match else "<out_dir>"
         hint = (
             f"; found COCO-style JSON {json_files[0]}: convert it with "
-            f"`python -m detector.data.convert coco {json_files[0]} {out_dir}`"
+            f"`python -m detector.cli.convert coco {json_files[0]} {out_dir}`"
             if json_files
-            else "; labels in COCO JSON can be converted with `python -m detector.data.convert coco <json> <out_dir>`"
+            else "; labels in COCO JSON can be converted with `python -m detector.cli.convert coco <json> <out_dir>`"
         )
         message = (
             f"{self.prefix}0 labels found for {len(self)} images: expected YOLO .txt files such as "
@@ -417,6 +428,7 @@ class YOLODataset(Dataset):
         self.im_files = [self.im_files[i] for i in order]
         self.label_files = [self.label_files[i] for i in order]
         self.labels = [self.labels[i] for i in order]
+        self.segments = [self.segments[i] for i in order]
         self.shapes = self.shapes[order]
         aspect = aspect[order]
         self.batch_index = np.arange(len(aspect)) // batch_size

@@ -1,19 +1,14 @@
-"""Fetch and unpack dataset archives named by a dataset YAML's ``download:`` key; convert VOC XML to YOLO labels.
+"""Fetch and unpack dataset archives named by a dataset YAML's ``download:`` key, then run its ``convert:`` step.
 
 Nothing from a YAML is ever executed: ``download:`` holds only URLs of ``.zip/.tar/.tar.gz/.tgz`` archives, and the
-one post-processing step, ``convert: voc``, is our own converter below. A transfer goes to ``<archive>.part`` and
-resumes with an HTTP Range request after a dropped connection; the received size is checked against the server's
-length and the archive's integrity (zip CRCs, tar structure and gzip CRC) is checked before anything is unpacked.
-
-Command line::
-
-    python -m detector.data.download data/VOC.yaml     # fetch, unpack and convert what the YAML describes
-    python -m detector.data.download voc ../datasets/VOC  # only convert an unpacked VOCdevkit under that folder
+one post-processing step, ``convert: voc``, is our own converter (:func:`detector.data.convert.convert_voc`). A
+transfer goes to ``<archive>.part`` and resumes with an HTTP Range request after a dropped connection; the received
+size is checked against the server's length and the archive's integrity (zip CRCs, tar structure and gzip CRC) is
+checked before anything is unpacked. The command line is ``python -m detector.cli.download DATASET.yaml``.
 """
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import logging
 import shutil
@@ -21,7 +16,6 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-import xml.etree.ElementTree as ET
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -30,15 +24,14 @@ from urllib.parse import unquote, urlparse
 
 from tqdm import tqdm
 
-from detector.data.dataset_config import ARCHIVE_SUFFIXES, DatasetConfig, load_dataset_config
+from detector.data.convert import convert_voc
+from detector.data.dataset_config import ARCHIVE_SUFFIXES, DatasetConfig
 from detector.errors import DataError
 
 LOGGER = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 USER_AGENT = "detector-dataset-download/1"
-# (year, image set) pairs of PASCAL VOC, as YOLOv5's VOC.yaml lays them out: images/<set><year>, labels/<set><year>.
-VOC_SPLITS = (("2012", "train"), ("2012", "val"), ("2007", "train"), ("2007", "val"), ("2007", "test"))
 
 
 class _IncompleteTransferError(OSError):
@@ -256,122 +249,3 @@ def _merge_move(source: Path, dest: Path) -> None:
         if dest.is_dir():
             shutil.rmtree(dest)
         source.replace(dest)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# PASCAL VOC XML -> YOLO labels
-
-
-def convert_voc(root: str | Path, names: Sequence[str], *, progress: bool = True) -> dict[str, int]:
-    """Lay out an unpacked ``<root>/VOCdevkit`` as YOLO data: ``images/<set><year>`` and ``labels/<set><year>``.
-
-    Objects marked ``difficult`` are left out (as in YOLOv5's labels; VOC's own evaluation ignores them).
-    VOC boxes are 1-based inclusive pixel indices: ``xmin..xmax`` covers the continuous span ``[xmin - 1, xmax]``.
-
-    Returns:
-        counts: ``images``, ``objects``, ``difficult`` (left out), ``unknown_class`` and ``bad_xml`` (files skipped).
-    """
-    root = Path(root)
-    devkit = root / "VOCdevkit"
-    if not devkit.is_dir():
-        raise DataError(f"{root}: no VOCdevkit folder to convert (unpack the VOC archives here first)")
-    class_ids = {name: i for i, name in enumerate(names)}
-    counts = dict.fromkeys(("images", "objects", "difficult", "unknown_class", "bad_xml"), 0)
-    for year, image_set in VOC_SPLITS:
-        voc = devkit / f"VOC{year}"
-        list_file = voc / "ImageSets" / "Main" / f"{image_set}.txt"
-        if not list_file.is_file():
-            continue
-        images_dir = root / "images" / f"{image_set}{year}"
-        labels_dir = root / "labels" / f"{image_set}{year}"
-        images_dir.mkdir(parents=True, exist_ok=True)
-        labels_dir.mkdir(parents=True, exist_ok=True)
-        image_ids = list_file.read_text().split()
-        for image_id in tqdm(image_ids, desc=f"{image_set}{year}", disable=not progress):
-            rows = _voc_rows(voc / "Annotations" / f"{image_id}.xml", class_ids, counts)
-            if rows is None:
-                continue
-            (labels_dir / f"{image_id}.txt").write_text("".join(f"{row}\n" for row in rows))
-            source = voc / "JPEGImages" / f"{image_id}.jpg"
-            if source.is_file():
-                source.replace(images_dir / source.name)
-            counts["images"] += 1
-    if counts["bad_xml"] or counts["unknown_class"]:
-        LOGGER.warning("VOC conversion skipped %d unreadable XML files and %d objects of unknown classes",
-                       counts["bad_xml"], counts["unknown_class"])  # fmt: skip
-    LOGGER.info("VOC conversion: %s", counts)
-    return counts
-
-
-def _voc_rows(xml_file: Path, class_ids: dict[str, int], counts: dict[str, int]) -> list[str] | None:
-    """YOLO label rows of one VOC annotation, or None (warned and counted) when the XML is unusable."""
-    try:
-        tree = ET.parse(xml_file)
-        size = tree.find("size")
-        width = float(size.findtext("width"))  # type: ignore[union-attr, arg-type]
-        height = float(size.findtext("height"))  # type: ignore[union-attr, arg-type]
-        if width <= 0 or height <= 0:
-            raise ValueError(f"image size {width}x{height}")
-        rows = []
-        for obj in tree.iter("object"):
-            name = (obj.findtext("name") or "").strip()
-            if name not in class_ids:
-                counts["unknown_class"] += 1
-                continue
-            if int(obj.findtext("difficult") or 0) == 1:
-                counts["difficult"] += 1
-                continue
-            box = obj.find("bndbox")
-            xmin, ymin, xmax, ymax = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))  # type: ignore[union-attr, arg-type]
-            x1, y1 = max(xmin - 1.0, 0.0), max(ymin - 1.0, 0.0)
-            x2, y2 = min(xmax, width), min(ymax, height)
-            if x2 <= x1 or y2 <= y1:
-                raise ValueError(f"empty box {xmin, ymin, xmax, ymax}")
-            cx, cy = (x1 + x2) / 2 / width, (y1 + y2) / 2 / height
-            w, h = (x2 - x1) / width, (y2 - y1) / height
-            rows.append(f"{class_ids[name]} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
-            counts["objects"] += 1
-        return rows
-    except (OSError, ET.ParseError, AttributeError, TypeError, ValueError) as e:
-        LOGGER.warning("%s: skipped, unreadable VOC annotation (%s)", xml_file, e)
-        counts["bad_xml"] += 1
-        return None
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m detector.data.download DATASET.yaml`` or ``... voc ROOT``; returns the exit status."""
-    from detector.cli.common import run_cli
-
-    parser = argparse.ArgumentParser(
-        prog="python -m detector.data.download",
-        description="Download and unpack a dataset YAML's archives, or convert an unpacked PASCAL VOC folder.",
-    )
-    parser.add_argument("target", help="dataset YAML (path or name in data/), or 'voc' to convert ROOT")
-    parser.add_argument("root", nargs="?", help="with 'voc': the folder holding VOCdevkit/")
-    parser.add_argument("--keep-archives", action="store_true", help="keep the downloaded archives after unpacking")
-    args = parser.parse_args(argv)
-
-    def run() -> int:
-        if args.target == "voc":
-            if not args.root:
-                parser.error("'voc' needs the folder that holds VOCdevkit/")
-            names = load_dataset_config("VOC.yaml", check_paths=False).names
-            convert_voc(args.root, names)
-            return 0
-        config = load_dataset_config(args.target, check_paths=False)
-        if not config.download:
-            raise DataError(f"{config.yaml_path}: no 'download' URLs to fetch")
-        download_dataset(config, keep_archives=args.keep_archives)
-        load_dataset_config(config.yaml_path, download=False)  # every path must now exist
-        LOGGER.info("%s: dataset ready in %s", config.yaml_path, config.root)
-        return 0
-
-    return run_cli(run)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

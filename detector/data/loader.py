@@ -204,12 +204,15 @@ def create_dataloader(
     num_classes: int | None = None,
     single_cls: bool = False,
     label_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[DataLoader, YOLODataset]:
     """A DataLoader over a :class:`YOLODataset` and the dataset itself.
 
     ``rank`` >= 0 splits the images between DDP processes (``world_size`` defaults to torch.distributed's).
     ``batch_size`` is per process. Workers stay alive across epochs; memory is pinned when CUDA is present.
     ``image_weights`` starts from inverse class frequencies; update with ``loader.sampler.set_image_weights``.
+    ``cache_dir`` (``--cache-dir``; None or "" = automatic) is where the label scan cache goes; see
+    :func:`detector.data.scan.label_cache_path`.
     """
     # Parallelism comes from the workers; OpenCV's own thread pool on top oversubscribes the CPU.
     cv2.setNumThreads(0)
@@ -229,6 +232,7 @@ def create_dataloader(
         num_classes=len(names) if names is not None else num_classes,
         single_cls=single_cls,
         label_dir=label_dir,
+        cache_dir=cache_dir,
         workers=workers,
         seed=seed,
         prefix=prefix,

@@ -29,14 +29,11 @@ from typing import Literal, Protocol
 import cv2
 import numpy as np
 
+from detector.data.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_image
 from detector.errors import DataError
 
 LOGGER = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".bmp", ".dng", ".jpeg", ".jpg", ".jpe", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm"})
-VIDEO_SUFFIXES = frozenset(
-    {".asf", ".avi", ".gif", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".ts", ".wmv", ".webm"}
-)
 STREAM_SCHEMES = ("rtsp://", "rtmp://", "http://", "https://")
 _GLOB_CHARACTERS = re.compile(r"[*?\[]")
 
@@ -243,22 +240,7 @@ def _is_video(path: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Reading images
-
-
-def read_image(path: str | Path) -> np.ndarray | None:
-    """Decode an image file to (H, W, 3) uint8 BGR, or None when it is missing, empty or not a decodable image.
-
-    Reads the bytes with NumPy and decodes them with ``cv2.imdecode``, so non-ASCII paths work on every OS;
-    grey, 16-bit and alpha images are converted to 8-bit BGR, and EXIF orientation is applied, as cv2.imread does.
-    """
-    try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError:
-        return None
-    if data.size == 0:
-        return None
-    return cv2.imdecode(data, cv2.IMREAD_COLOR)
+# Reading images (files: :func:`detector.data.media.read_image`)
 
 
 def fetch_image(url: str, timeout_s: float = 30.0) -> np.ndarray:
@@ -294,6 +276,7 @@ class FileSource:
         self.description = description or f"{len(items)} inputs"
         self.skipped = 0
         self._capture: cv2.VideoCapture | None = None
+        self._image_problem = ""  # why the last unreadable image could not be read
 
     def __len__(self) -> int:
         return len(self.items)
@@ -320,7 +303,7 @@ class FileSource:
                 produced += 1
                 yield [frame]
             if produced == 0:
-                problem = f"{path}: {_UNREADABLE_VIDEO if is_video else 'cannot read image'}"
+                problem = f"{path}: {_UNREADABLE_VIDEO}" if is_video else self._image_problem
                 first_problem = first_problem or problem
                 LOGGER.warning("WARNING: skipping %s", problem)
                 self.skipped += 1
@@ -331,9 +314,12 @@ class FileSource:
             raise DataError(f"{self.description}: none of the {count} files could be read (first: {first_problem})")
 
     def _image_frames(self, path: str, index: int, count: int) -> Iterator[Frame]:
-        image = read_image(path)
-        if image is not None:
-            yield Frame(image, path, "image", index, count)
+        try:
+            image = read_image(path)
+        except DataError as e:
+            self._image_problem = str(e)  # one line naming the file and why
+            return
+        yield Frame(image, path, "image", index, count)
 
     def _video_frames(self, path: str, index: int, count: int) -> Iterator[Frame]:
         capture = cv2.VideoCapture(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -55,7 +56,18 @@ def file_size_mb(path: str | Path) -> float:
 
 
 def cache_dir() -> Path:
-    """Where generated data (the built-in dataset) lives: $DETECTOR_CACHE, else $XDG_CACHE_HOME/detector."""
+    """Where generated data lives (the built-in dataset, label caches of read-only datasets).
+
+    ``$DETECTOR_CACHE``, else ``$XDG_CACHE_HOME/detector``, else the platform's user cache folder:
+    ``~/Library/Caches/detector`` on macOS, ``%LOCALAPPDATA%\\detector\\Cache`` on Windows, ``~/.cache/detector``
+    elsewhere.
+    """
     if root := os.environ.get("DETECTOR_CACHE"):
         return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "detector"
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return Path(xdg) / "detector"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "detector"
+    if sys.platform == "win32" and (local := os.environ.get("LOCALAPPDATA")):
+        return Path(local) / "detector" / "Cache"
+    return Path.home() / ".cache" / "detector"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 import pytest
@@ -11,20 +13,25 @@ from detector.data.augment import (
     PAD_VALUE,
     Albumentations,
     Compose,
+    CopyPaste,
     Cutout,
     MixUp,
     Mosaic,
+    PasteObject,
     RandomFlip,
     RandomHSV,
     RandomPerspective,
     Sample,
     box_candidates,
     build_train_transforms,
+    cut_objects,
     flip,
     letterbox,
     letterbox_sample,
     mosaic4,
     mosaic9,
+    paste_objects,
+    polygon_mask,
     transform_boxes,
 )
 from detector.ops.boxes import scale_boxes
@@ -68,6 +75,9 @@ class FakeSource:
 
     def load_sample(self, index: int) -> Sample:
         return self.samples[index]
+
+    def load_polygons(self, index: int) -> list[np.ndarray | None]:
+        return [None] * len(self.samples[index].classes)  # box labels
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -269,7 +279,9 @@ def test_composition_order_is_visible_and_extensible() -> None:
     names = [type(step).__name__ for step in pipeline.steps]
     assert names == ["Compose", "MixUp", "Cutout", "RandomHSV", "RandomFlip", "RandomFlip"]
     assert [type(step).__name__ for step in pipeline.steps[0].steps] == ["Mosaic", "RandomPerspective"]
-    rect = build_train_transforms(hyp, 64, None, rect=True)
+    with_paste = build_train_transforms(Hyperparameters(copy_paste=0.5), 64, FakeSource())
+    assert [type(step).__name__ for step in with_paste.steps[0].steps] == ["Mosaic", "CopyPaste", "RandomPerspective"]
+    rect = build_train_transforms(Hyperparameters(copy_paste=0.5), 64, None, rect=True)
     assert [type(step).__name__ for step in rect.steps[0].steps] == ["RandomPerspective"]
 
     class Invert:  # a new augmentation is one class and one list entry
@@ -381,3 +393,179 @@ def test_mosaic4_border_is_grey_wherever_no_picture_lands() -> None:
         empty = [np.zeros((0, 4), np.float32)] * 4
         out = mosaic4(images, empty, [np.zeros(0)] * 4, size=size, center=center)
         np.testing.assert_array_equal(out.image, expected)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Copy-paste
+
+
+def test_polygon_mask_takes_the_pixels_whose_centre_is_inside() -> None:
+    square = polygon_mask(np.array([[2, 2], [6, 2], [6, 6], [2, 6]]), (8, 8))
+    expected = np.zeros((8, 8), bool)
+    expected[2:6, 2:6] = True  # the same pixels as the box (2, 2, 6, 6)
+    np.testing.assert_array_equal(square, expected)
+    # Centres (x + 0.5, y + 0.5) with x + y + 1 < 4; (3.5, 0.5) lies on the edge and is out.
+    triangle = polygon_mask(np.array([[0, 0], [4, 0], [0, 4]]), (4, 4))
+    np.testing.assert_array_equal(triangle, [[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    # Vertices outside the patch are fine. A top edge at y = 0.5 runs through row 0's centres: inside; at 0.6: not.
+    wide = polygon_mask(np.array([[-3, 0.5], [9, 0.5], [9, 2.6], [-3, 2.6]]), (3, 4))
+    np.testing.assert_array_equal(wide, [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(polygon_mask(np.array([[0, 0.6], [4, 0.6], [4, 3], [0, 3]]), (3, 4))[0], [0] * 4)
+
+
+def donor_sample() -> Sample:
+    """A 20x24 donor: pixel values encode their position; a box (4, 2, 10, 10) and a box (12.5, 3, 17.5, 9)."""
+    image = (np.arange(20 * 24 * 3) % 251).astype(np.uint8).reshape(20, 24, 3)
+    return Sample.create(image, np.array([[4, 2, 10, 10], [12.5, 3, 17.5, 9]], np.float32), np.array([3, 5]))
+
+
+def test_cut_objects_by_polygon_and_by_box() -> None:
+    donor = donor_sample()
+    # Object 0: a right triangle with corners (4, 2), (10, 2), (4, 10) in pixels, normalised by (24, 20).
+    triangle = np.array([[4 / 24, 2 / 20], [10 / 24, 2 / 20], [4 / 24, 10 / 20]], np.float32)
+    first, second = cut_objects(donor, [triangle, None])
+    np.testing.assert_array_equal(first.patch, donor.image[2:10, 4:10])
+    np.testing.assert_array_equal(first.box_xyxy, [0, 0, 6, 8])
+    assert first.class_id == 3 and first.mask is not None and first.mask.shape == (8, 6)
+    np.testing.assert_array_equal(first.mask, polygon_mask(np.array([[0, 0], [6, 0], [0, 8]]), (8, 6)))
+    # Object 1 is a box label with fractional x: the patch is rounded out to whole pixels, the box kept exact.
+    np.testing.assert_array_equal(second.patch, donor.image[3:9, 12:18])
+    np.testing.assert_array_equal(second.box_xyxy, [0.5, 0, 5.5, 6])
+    assert second.mask is None and second.class_id == 5
+    tiny = Sample.create(donor.image, np.array([[3, 3, 4.5, 9]], np.float32), np.array([0]))
+    assert cut_objects(tiny, [None]) == []  # under 2 px wide: nothing to paste
+
+
+def test_paste_copies_exactly_the_object_pixels_and_adds_its_box() -> None:
+    donor = donor_sample()
+    target = Sample.create(np.zeros((30, 30, 3), np.uint8), np.array([[0, 0, 10, 10]], np.float32), np.array([1]))
+    original = target.image.copy()
+    box_object, triangle_object = (
+        cut_objects(donor, [None, None])[1],
+        cut_objects(donor, [np.array([[4 / 24, 2 / 20], [10 / 24, 2 / 20], [4 / 24, 10 / 20]], np.float32), None])[0],
+    )
+    out = paste_objects(target, [box_object, triangle_object], [(20, 20), (12, 0)])
+    np.testing.assert_array_equal(out.boxes_xyxy, [[0, 0, 10, 10], [20.5, 20, 25.5, 26], [12, 0, 18, 8]])
+    np.testing.assert_array_equal(out.classes, [1, 5, 3])
+    np.testing.assert_array_equal(out.image[20:26, 20:26], donor.image[3:9, 12:18])  # the box crop, whole
+    region = out.image[0:8, 12:18]
+    mask = triangle_object.mask
+    np.testing.assert_array_equal(region[mask], donor.image[2:10, 4:10][mask])  # inside the outline: the object
+    assert not region[~mask].any()  # outside it: the target's own (black) pixels
+    untouched = np.ones((30, 30), bool)
+    untouched[20:26, 20:26] = False
+    untouched[0:8, 12:18] = False
+    np.testing.assert_array_equal(out.image[untouched], original[untouched])
+    np.testing.assert_array_equal(target.image, original)  # the input image (maybe a RAM cache) is not modified
+
+
+def test_paste_covering_most_of_a_box_is_refused() -> None:
+    patch = np.full((10, 10, 3), 200, np.uint8)
+    paste = PasteObject(patch, None, np.array([0, 0, 10, 10], np.float32), 7)
+    target = Sample.create(np.zeros((40, 40, 3), np.uint8), np.array([[10, 10, 20, 20]], np.float32), np.array([1]))
+    # At x=12 the paste covers 8x10 = 80% of the box (10, 10, 20, 20): refused, the sample is returned as it was.
+    assert paste_objects(target, [paste], [(12, 10)]) is target
+    # At x=17 it covers 3x10 = 30%, not more than the 0.30 limit: accepted.
+    accepted = paste_objects(target, [paste], [(17, 10)])
+    np.testing.assert_array_equal(accepted.boxes_xyxy, [[10, 10, 20, 20], [17, 10, 27, 20]])
+    # Earlier pastes count as existing boxes: a second copy over the first one is refused.
+    twice = paste_objects(target, [paste, paste], [(25, 25), (26, 26)])
+    np.testing.assert_array_equal(twice.boxes_xyxy, [[10, 10, 20, 20], [25, 25, 35, 35]])
+    # Coverage adds up: 20% from the left, then 20% from the right would hide 40% of the box: the second is refused.
+    sides = paste_objects(target, [paste, paste], [(2, 10), (18, 10)])
+    np.testing.assert_array_equal(sides.boxes_xyxy, [[10, 10, 20, 20], [2, 10, 12, 20]])
+    assert len(paste_objects(target, [paste], [(12, 10)], max_covered=0.9).classes) == 2
+    with pytest.raises(ValueError, match="falls outside 40x40"):
+        paste_objects(target, [paste], [(35, 0)])
+
+
+class PolygonSource(FakeSource):
+    """FakeSource whose object 0 of image 2 is a diamond outline inside its box (20, 20, 60, 60) of 64x64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        image = np.zeros((64, 64, 3), np.uint8)
+        self.diamond = np.array([[40, 20], [60, 40], [40, 60], [20, 40]], np.float32)
+        inside = polygon_mask(self.diamond, (64, 64))
+        image[inside] = COLOURS[3]
+        self.samples[2] = Sample.create(image, np.array([[20, 20, 60, 60]], np.float32), np.array([3]))
+
+    def load_polygons(self, index: int) -> list[np.ndarray | None]:
+        return [self.diamond / 64] if index == 2 else super().load_polygons(index)
+
+
+def test_copy_paste_probability_zero_is_the_identity() -> None:
+    source = PolygonSource()
+    sample = source.samples[0]
+    rng = np.random.default_rng(0)
+    assert CopyPaste(source, 0.0)(sample, rng) is sample
+    assert rng.random() == np.random.default_rng(0).random()  # no random number was drawn either
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_copy_paste_objects_land_on_their_pixels_and_repeat_with_the_seed(seed: int) -> None:
+    source = PolygonSource()
+    canvas = Sample.create(np.zeros((128, 128, 3), np.uint8))  # as after a mosaic: twice the size, here empty
+    step = CopyPaste(source, 1.0)
+    out = step(canvas, np.random.default_rng(seed))
+    again = step(canvas, np.random.default_rng(seed))
+    np.testing.assert_array_equal(out.image, again.image)
+    np.testing.assert_array_equal(out.boxes_xyxy, again.boxes_xyxy)
+    draws = np.random.default_rng(seed)
+    draws.random()  # CopyPaste's own draw: paste or not
+    donor_index = int(draws.integers(0, len(source)))
+    donor = source.samples[donor_index]
+    assert set(out.classes.tolist()) <= set(donor.classes.tolist())
+    assert len(out.classes) >= min(1, len(donor.classes))  # on an empty canvas the first object always fits
+    for index in range(len(out.classes)):
+        assert colour_fraction(out, index, shrink=0) >= 0.7 or int(out.classes[index]) == 3  # <= 30% covered
+        size = out.boxes_xyxy[index, 2:] - out.boxes_xyxy[index, :2]
+        match = np.flatnonzero(donor.classes == out.classes[index])[0]
+        np.testing.assert_array_equal(size, donor.boxes_xyxy[match, 2:] - donor.boxes_xyxy[match, :2])
+
+
+def test_copy_paste_cuts_polygon_objects_along_their_outline() -> None:
+    class DiamondSource(PolygonSource):  # only the diamond image
+        def __len__(self) -> int:
+            return 1
+
+        def load_sample(self, index: int) -> Sample:
+            return self.samples[2]
+
+        def load_polygons(self, index: int) -> list[np.ndarray | None]:
+            return super().load_polygons(2)
+
+    source = DiamondSource()
+    grey = Sample.create(np.full((100, 100, 3), 50, np.uint8))
+    out = CopyPaste(source, 1.0)(grey, np.random.default_rng(3))
+    draws = np.random.default_rng(3)
+    draws.random()  # CopyPaste's draws: paste or not,
+    draws.integers(0, 1)  # the donor index,
+    x, y = int(draws.integers(0, 100 - 40 + 1)), int(draws.integers(0, 100 - 40 + 1))  # where the 40x40 patch goes
+    np.testing.assert_array_equal(out.boxes_xyxy, [[x, y, x + 40, y + 40]])
+    np.testing.assert_array_equal(out.classes, [3])
+    inside = polygon_mask(source.diamond - 20, (40, 40))
+    region = out.image[y : y + 40, x : x + 40]
+    assert (region[inside] == COLOURS[3]).all()  # the diamond's pixels
+    assert (region[~inside] == 50).all()  # the box corners outside the outline keep the grey target
+    outside = np.ones((100, 100), bool)
+    outside[y : y + 40, x : x + 40] = False
+    assert (out.image[outside] == 50).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_copy_paste_after_mosaic_keeps_labels_on_object_pixels(seed: int) -> None:
+    source = PolygonSource()
+    hyp = Hyperparameters(hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, translate=0.0, scale=0.0, fliplr=0.0, copy_paste=1.0)
+    plain = build_train_transforms(replace(hyp, copy_paste=0.0), 64, source)(source.samples[1], rng(seed))
+    pasted = build_train_transforms(hyp, 64, source)(source.samples[1], rng(seed))
+    assert pasted.image.shape == (64, 64, 3)
+    boxes = pasted.boxes_xyxy
+    assert (boxes >= 0).all() and (boxes <= 64).all() and (boxes[:, 2:] > boxes[:, :2]).all()
+    for index in range(len(pasted.classes)):  # a paste may hide at most 30% of an original box
+        assert colour_fraction(pasted, index, shrink=1) > 0.6 or int(pasted.classes[index]) == 3
+    assert len(plain.classes) <= len(pasted.classes)
+
+
+def rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)

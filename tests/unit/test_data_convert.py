@@ -1,4 +1,5 @@
-"""COCO JSON -> YOLO labels (checked against coco128's own YOLO labels) and the labels.jpg statistics plot."""
+"""COCO JSON and VOC XML -> YOLO labels (COCO checked against coco128's own YOLO labels), the convert command,
+and the labels.jpg statistics plot."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.data.convert import coco_box_to_yolo, convert_coco_json, main
+from detector.cli.convert import main
+from detector.data.convert import coco_box_to_yolo, convert_coco_json, convert_voc
 from detector.data.dataset import YOLODataset
-from detector.data.stats import label_statistics, plot_labels
 from detector.errors import DataError
+from detector.utils.plots import label_statistics, plot_labels
 
 
 def small_coco(path: Path) -> Path:
@@ -74,7 +76,7 @@ def test_cli_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["coco", str(small_coco(tmp_path / "instances_x.json")), str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "x.yaml").is_file()
     (tmp_path / "bad.json").write_text('{"images": []}')
-    assert main(["coco", str(tmp_path / "bad.json"), str(tmp_path / "out2")]) == 1
+    assert main(["coco", str(tmp_path / "bad.json"), str(tmp_path / "out2")]) == 2
     assert "not a COCO detection file" in capsys.readouterr().err
     with pytest.raises(DataError, match="not found"):
         convert_coco_json(tmp_path / "missing.json", tmp_path)
@@ -105,3 +107,68 @@ def test_plot_labels_writes_a_readable_jpg(tmp_path: Path) -> None:
         assert image.format == "JPEG" and image.size == (900, 900)
         pixels = np.asarray(image.convert("L"))
     assert pixels.min() < 100 and pixels.max() > 200  # drawn content, not a blank canvas
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# VOC XML -> YOLO
+
+
+def _voc_xml(width: int, height: int, objects: list[tuple[str, int, tuple[int, int, int, int]]]) -> str:
+    parts = [f"<annotation><size><width>{width}</width><height>{height}</height><depth>3</depth></size>"]
+    for name, difficult, (xmin, ymin, xmax, ymax) in objects:
+        parts.append(
+            f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{xmin}</xmin>"
+            f"<ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>"
+        )
+    return "".join(parts) + "</annotation>"
+
+
+def test_convert_voc_writes_yolo_labels(tmp_path: Path) -> None:
+    voc = tmp_path / "VOCdevkit" / "VOC2007"
+    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (voc / folder).mkdir(parents=True)
+    (voc / "ImageSets" / "Main" / "train.txt").write_text("000001\n000002\n000003\n")
+    (voc / "ImageSets" / "Main" / "test.txt").write_text("000004\n")
+    for image_id in ("000001", "000002", "000003", "000004"):
+        (voc / "JPEGImages" / f"{image_id}.jpg").write_bytes(b"jpeg")
+    # 1-based inclusive pixels: xmin=1..xmax=100 covers the whole 100 px width.
+    (voc / "Annotations" / "000001.xml").write_text(
+        _voc_xml(100, 50, [("dog", 0, (1, 1, 100, 50)), ("cat", 1, (10, 10, 20, 20)), ("unicorn", 0, (1, 1, 5, 5))])
+    )
+    (voc / "Annotations" / "000002.xml").write_text(_voc_xml(200, 100, [("cat", 0, (51, 26, 100, 75))]))
+    (voc / "Annotations" / "000003.xml").write_text("<annotation><size>")  # broken XML
+    (voc / "Annotations" / "000004.xml").write_text(_voc_xml(10, 10, []))
+
+    counts = convert_voc(tmp_path, ["cat", "dog"], progress=False)
+
+    assert counts == {"images": 3, "objects": 2, "difficult": 1, "unknown_class": 1, "bad_xml": 1}
+    labels = tmp_path / "labels" / "train2007"
+    assert (labels / "000001.txt").read_text() == "1 0.500000 0.500000 1.000000 1.000000\n"
+    # x: pixels 51..100 -> span [50, 100] of 200 -> centre 75/200, width 50/200; y: [25, 75] of 100.
+    assert (labels / "000002.txt").read_text() == "0 0.375000 0.500000 0.250000 0.500000\n"
+    assert not (labels / "000003.txt").exists()
+    assert (tmp_path / "labels" / "test2007" / "000004.txt").read_text() == ""
+    assert (tmp_path / "images" / "train2007" / "000002.jpg").is_file()
+    assert (tmp_path / "images" / "test2007" / "000004.jpg").is_file()
+    assert not (voc / "JPEGImages" / "000002.jpg").exists()  # moved, not copied
+
+
+def test_convert_voc_without_devkit_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"no VOCdevkit folder to convert"):
+        convert_voc(tmp_path, ["cat"], progress=False)
+
+
+def test_convert_command_for_voc_uses_voc_class_ids(tmp_path: Path) -> None:
+    """`python -m detector.cli.convert voc ROOT` (and `detector convert voc ROOT`) numbers classes as VOC.yaml."""
+    from detector.cli import main as detector_main
+
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (voc / folder).mkdir(parents=True)
+    (voc / "ImageSets" / "Main" / "val.txt").write_text("a\n")
+    (voc / "JPEGImages" / "a.jpg").write_bytes(b"jpeg")
+    # dog is class 11 of VOC.yaml's 20; pixels 1..50 x 1..20 of 100x40 -> span [0, 50] x [0, 20].
+    (voc / "Annotations" / "a.xml").write_text(_voc_xml(100, 40, [("dog", 0, (1, 1, 50, 20))]))
+    assert detector_main(["convert", "voc", str(tmp_path)]) == 0
+    assert (tmp_path / "labels" / "val2012" / "a.txt").read_text() == "11 0.250000 0.250000 0.500000 0.500000\n"
+    assert main(["voc", str(tmp_path / "nothing")]) == 2  # one error line, exit status 2

@@ -200,7 +200,7 @@ def test_zero_labels_message_points_to_the_converter(tmp_path: Path) -> None:
         write_image(tmp_path / "images" / name, 32, 32)
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "instances_train.json").write_text("{}")
-    with pytest.raises(DataError, match=r"0 labels found.*detector\.data\.convert coco .*instances_train\.json"):
+    with pytest.raises(DataError, match=r"0 labels found.*detector\.cli\.convert coco .*instances_train\.json"):
         YOLODataset(tmp_path / "images", augment=True)
     assert len(YOLODataset(tmp_path / "images")) == 2  # validation only warns: a background-only set is valid
 

@@ -1,5 +1,5 @@
 """detector.data.download against a local HTTP server: resume after a broken transfer, integrity checks, unpacking,
-the dataset-level download, and the VOC XML -> YOLO converter. Nothing here touches the internet."""
+the dataset-level download and its command line. Nothing here touches the internet."""
 
 from __future__ import annotations
 
@@ -14,15 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from detector.cli.download import main
 from detector.data.dataset_config import load_dataset_config
-from detector.data.download import (
-    archive_name,
-    check_archive,
-    convert_voc,
-    download_file,
-    extract_archive,
-    main,
-)
+from detector.data.download import archive_name, check_archive, download_file, extract_archive
 from detector.errors import DataError
 
 
@@ -255,52 +249,3 @@ def test_cli_reports_a_dataset_without_urls(tmp_path: Path, capsys: pytest.Captu
     yaml_path.write_text("train: a\nval: b\nnames: [x]\n")
     assert main([str(yaml_path)]) == 2
     assert "no 'download' URLs to fetch" in capsys.readouterr().err
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# VOC XML -> YOLO
-
-
-def _voc_xml(width: int, height: int, objects: list[tuple[str, int, tuple[int, int, int, int]]]) -> str:
-    parts = [f"<annotation><size><width>{width}</width><height>{height}</height><depth>3</depth></size>"]
-    for name, difficult, (xmin, ymin, xmax, ymax) in objects:
-        parts.append(
-            f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{xmin}</xmin>"
-            f"<ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>"
-        )
-    return "".join(parts) + "</annotation>"
-
-
-def test_convert_voc_writes_yolo_labels(tmp_path: Path) -> None:
-    voc = tmp_path / "VOCdevkit" / "VOC2007"
-    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
-        (voc / folder).mkdir(parents=True)
-    (voc / "ImageSets" / "Main" / "train.txt").write_text("000001\n000002\n000003\n")
-    (voc / "ImageSets" / "Main" / "test.txt").write_text("000004\n")
-    for image_id in ("000001", "000002", "000003", "000004"):
-        (voc / "JPEGImages" / f"{image_id}.jpg").write_bytes(b"jpeg")
-    # 1-based inclusive pixels: xmin=1..xmax=100 covers the whole 100 px width.
-    (voc / "Annotations" / "000001.xml").write_text(
-        _voc_xml(100, 50, [("dog", 0, (1, 1, 100, 50)), ("cat", 1, (10, 10, 20, 20)), ("unicorn", 0, (1, 1, 5, 5))])
-    )
-    (voc / "Annotations" / "000002.xml").write_text(_voc_xml(200, 100, [("cat", 0, (51, 26, 100, 75))]))
-    (voc / "Annotations" / "000003.xml").write_text("<annotation><size>")  # broken XML
-    (voc / "Annotations" / "000004.xml").write_text(_voc_xml(10, 10, []))
-
-    counts = convert_voc(tmp_path, ["cat", "dog"], progress=False)
-
-    assert counts == {"images": 3, "objects": 2, "difficult": 1, "unknown_class": 1, "bad_xml": 1}
-    labels = tmp_path / "labels" / "train2007"
-    assert (labels / "000001.txt").read_text() == "1 0.500000 0.500000 1.000000 1.000000\n"
-    # x: pixels 51..100 -> span [50, 100] of 200 -> centre 75/200, width 50/200; y: [25, 75] of 100.
-    assert (labels / "000002.txt").read_text() == "0 0.375000 0.500000 0.250000 0.500000\n"
-    assert not (labels / "000003.txt").exists()
-    assert (tmp_path / "labels" / "test2007" / "000004.txt").read_text() == ""
-    assert (tmp_path / "images" / "train2007" / "000002.jpg").is_file()
-    assert (tmp_path / "images" / "test2007" / "000004.jpg").is_file()
-    assert not (voc / "JPEGImages" / "000002.jpg").exists()  # moved, not copied
-
-
-def test_convert_voc_without_devkit_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"no VOCdevkit folder to convert"):
-        convert_voc(tmp_path, ["cat"], progress=False)

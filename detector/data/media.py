@@ -1,0 +1,68 @@
+"""Image and video file types, and the one function that decodes an image file.
+
+Every reader in the package (the dataset scan and loader, detect.py's sources, the predictor's output names) takes
+its suffixes from here, so a type is supported everywhere or nowhere.
+
+Each image suffix listed is one OpenCV decodes to an 8-bit BGR picture (``tests/unit/test_data_media.py`` writes
+and reads back each one). Left out on purpose, although YOLOv5 lists them: ``.dng`` (camera raw; OpenCV decodes
+no raw sensor data) and ``.pfm`` (float images: OpenCV's 8-bit conversion turns 0-1 values into a black picture).
+"""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+
+from detector.errors import DataError
+
+# ".mpo" is the multi-picture JPEG many phones and 3D cameras write; OpenCV reads its first picture.
+IMAGE_SUFFIXES = (".bmp", ".jpe", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp")
+# Suffixes cv2.imwrite can encode (chooses the format by suffix); an output with another suffix is saved as .jpg.
+WRITABLE_IMAGE_SUFFIXES = tuple(suffix for suffix in IMAGE_SUFFIXES if suffix != ".mpo")
+# Read with cv2.VideoCapture (FFmpeg); an animated .gif is read as a video.
+VIDEO_SUFFIXES = (".asf", ".avi", ".gif", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".ts", ".webm", ".wmv")
+
+JPEG_SUFFIXES = (".jpe", ".jpeg", ".jpg", ".mpo")
+_READ_FLAGS = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+
+
+def read_image(path: str | os.PathLike, *, reduce: int = 1) -> np.ndarray:
+    """Decode an image file to (H, W, 3) uint8 BGR, upright (OpenCV applies the EXIF orientation).
+
+    Grey, 16-bit and alpha images become 8-bit BGR. ``reduce`` (1, 2, 4 or 8) decodes a JPEG directly at
+    1/reduce of its size, which libjpeg does in the DCT domain: faster than a full decode plus a resize, and an
+    area-averaging downscale in effect. Other formats ignore it.
+
+    ``cv2.imread`` reads the file; when it fails, the bytes are read by NumPy and decoded from memory with
+    ``cv2.imdecode``, which opens any path (``cv2.imread`` cannot open non-ASCII paths on Windows). imread stays
+    first because it also decodes a truncated JPEG (its missing part grey), which imdecode refuses.
+
+    Raises:
+        DataError: one line naming the file: not found, unreadable, empty, or not a decodable image.
+    """
+    if reduce not in _READ_FLAGS:
+        raise ValueError(f"reduce must be one of {sorted(_READ_FLAGS)}, got {reduce!r}")
+    name = os.fspath(path)
+    if not os.path.isfile(name):  # checked first: OpenCV would also log its own warning
+        raise DataError(f"{name}: image file not found")
+    flag = _READ_FLAGS[reduce] if name.lower().endswith(JPEG_SUFFIXES) else cv2.IMREAD_COLOR
+    image = cv2.imread(name, flag)
+    if image is not None:
+        return image
+    try:
+        data = np.fromfile(name, dtype=np.uint8)
+    except OSError as e:
+        raise DataError(f"{name}: image file cannot be read ({e.strerror or e})") from e
+    if data.size == 0:
+        raise DataError(f"{name}: image file is empty (0 bytes)")
+    image = cv2.imdecode(data, flag)
+    if image is None:
+        raise DataError(f"{name}: not a decodable image (corrupt, or a format OpenCV cannot read)")
+    return image
