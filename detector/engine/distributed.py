@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from detector.errors import ConfigError
+from detector.utils.torch_utils import unwrap_model
 
 LOGGER = logging.getLogger(__name__)
 
@@ -192,11 +193,6 @@ def wrap_model(model: nn.Module, device: torch.device, context: DistributedConte
             LOGGER.warning("--sync-bn needs CUDA devices; CPU processes keep per-process BatchNorm statistics")
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, output_device=device_ids and device_ids[0])
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside a DDP/DataParallel wrapper."""
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
 
 def launch_command(argv: Sequence[str], nproc: int, module: str = "detector.cli.train") -> list[str]:

@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel, else the model itself."""
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return model.module
-    return model
+from detector.utils.torch_utils import unwrap_model
 
 
 class ModelEMA:
@@ -60,14 +54,6 @@ class ModelEMA:
         # One fused kernel per group instead of two per tensor; lerp(a, b, w) = a + w * (b - a).
         if averaged:
             torch._foreach_lerp_(averaged, current, 1.0 - decay)
-
-    def update_attributes(self, model: nn.Module, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> None:
-        """Copy plain attributes (e.g. ``names``, ``yaml``) from the model; ``include`` limits them to those names."""
-        include, exclude = set(include), {"training", "process_group", "reducer", *exclude}
-        for name, value in vars(unwrap_model(model)).items():
-            if name.startswith("_") or name in exclude or (include and name not in include):
-                continue
-            setattr(self.ema, name, value)
 
     def state_dict(self) -> dict[str, Any]:
         """{"ema": the averaged model's state dict, "updates": int}; the checkpoint's ``ema``/``ema_updates``."""

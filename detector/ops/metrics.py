@@ -159,7 +159,8 @@ class Curves:
     """Per-class curves for plots; class rows follow ``Metrics.ap_class``.
 
     ``pr_precision`` (K, 101): envelope precision at IoU 0.5 at the recalls RECALL_THRESHOLDS.
-    ``precision``/``recall``/``f1`` (K, 1000): at IoU 0.5 for a confidence threshold of CONFIDENCE_GRID.
+    ``precision``/``recall``/``f1`` (K, 1000): at IoU 0.5 for a confidence threshold of CONFIDENCE_GRID (all 0
+    at thresholds above a class's most confident detection: no detection kept, no precision).
     """
 
     pr_precision: np.ndarray
@@ -176,7 +177,7 @@ class Metrics:
     ``ap`` is (K, 10), one column per IoU threshold 0.50:0.05:0.95.
     """
 
-    precision: float = 0.0  # mean over classes, at the confidence of best mean F1 (IoU 0.5)
+    precision: float = 0.0  # mean over classes at the confidence of best mean F1 (IoU 0.5); undetected classes: 0
     recall: float = 0.0
     f1: float = 0.0
     map50: float = 0.0
@@ -212,17 +213,6 @@ class Metrics:
         maps = np.full(num_classes, self.map)
         maps[self.ap_class] = self.ap50_95
         return maps
-
-    def results_dict(self) -> dict[str, float]:
-        """Plain floats for logs and checkpoints (YOLOv5's key names)."""
-        results = {
-            "metrics/precision": self.precision,
-            "metrics/recall": self.recall,
-            "metrics/mAP_0.5": self.map50,
-            "metrics/mAP_0.5:0.95": self.map,
-        }
-        results.update({f"val/{name}_loss": value for name, value in self.loss.items()})
-        return {key: float(value) for key, value in results.items()}
 
     def replace(self, **changes: object) -> Metrics:
         return dataclasses.replace(self, **changes)
@@ -359,15 +349,14 @@ def _per_class_results(
 def _at_confidences(conf_descending: np.ndarray, tp_cumulative: np.ndarray, num_labels: int) -> tuple[np.ndarray, ...]:
     """Precision and recall when keeping the detections with conf >= each CONFIDENCE_GRID value.
 
-    With no detection kept, precision is 1 and recall 0 (the start of a PR curve), so F1 there is 0.
+    With no detection kept, precision and recall are both 0 (as YOLOv5 and COCO score a class without detections):
+    a precision of 1 there would report an untrained model, whose best mean F1 is 0 at every threshold, as P 1.000.
     """
     if len(conf_descending) == 0:
-        return np.ones(len(CONFIDENCE_GRID)), np.zeros(len(CONFIDENCE_GRID))
+        return np.zeros(len(CONFIDENCE_GRID)), np.zeros(len(CONFIDENCE_GRID))
     kept = len(conf_descending) - np.searchsorted(conf_descending[::-1], CONFIDENCE_GRID, side="left")
     true_positives = np.where(kept > 0, tp_cumulative[np.maximum(kept - 1, 0)], 0.0)
-    precision = np.where(kept > 0, true_positives / np.maximum(kept, 1), 1.0)
-    recall = true_positives / num_labels
-    return precision, recall
+    return true_positives / np.maximum(kept, 1), true_positives / num_labels
 
 
 def confusion_matrix(

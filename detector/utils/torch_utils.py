@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import torch
+from torch import nn
 
 from detector.errors import ConfigError
 
@@ -82,3 +83,8 @@ def describe_device(device: torch.device) -> str:
         props = torch.cuda.get_device_properties(device)
         return f"CUDA:{device.index} ({props.name}, {props.total_memory / 2**30:.0f}GiB)"
     return f"{device.type.upper()} ({torch.get_num_threads()} threads)"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside a DistributedDataParallel / DataParallel wrapper, else the model itself."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from detector.engine.ema import ModelEMA
+from detector.utils.torch_utils import unwrap_model
 
 
 def small_model() -> nn.Module:
@@ -82,12 +83,7 @@ def test_state_round_trip_keeps_updates_and_weights():
         assert torch.equal(restored.ema.state_dict()[name], value)
 
 
-def test_update_attributes_copies_plain_attributes_only():
+def test_unwrap_model_returns_the_module_inside_a_wrapper():
     model = small_model()
-    model.names = ["cat", "dog"]
-    ema = ModelEMA(model)
-    model.names = ["a", "b"]
-    model.train()
-    ema.update_attributes(model, include=("names", "training"))
-    assert ema.ema.names == ["a", "b"]
-    assert not ema.ema.training
+    assert unwrap_model(nn.DataParallel(model)) is model
+    assert unwrap_model(model) is model

@@ -131,6 +131,56 @@ def test_class_without_predictions_counts_zero_class_without_labels_ignored() ->
     assert metrics.class_maps(3).tolist() == pytest.approx([1.0, 0.0, 0.5])
 
 
+def test_class_never_predicted_has_precision_zero_not_one() -> None:
+    """Class 0: one label found at conf 0.9. Class 1: one label, no prediction at all.
+
+    Mean F1 is (1 + 0) / 2 up to conf 0.9 and 0 above, so P/R/F1 are read at the highest grid point <= 0.9:
+    class 0 has P 1, R 1; class 1 keeps no detection there, so P 0 and R 0 (YOLOv5 and COCO give it 0 too).
+    """
+    stats = DetectionStats()
+    labels = np.array([[0, 0, 50, 50], [100, 0, 150, 50]], dtype=float)
+    stats.update(np.array([[0, 0, 50, 50]], dtype=float), np.array([0.9]), np.array([0]), labels, np.array([0, 1]))
+    metrics = stats.compute(["a", "b"])
+    assert metrics.best_conf == pytest.approx(899 / 999)  # the highest CONFIDENCE_GRID value <= 0.9
+    assert metrics.class_precision.tolist() == [1.0, 0.0]
+    assert metrics.class_recall.tolist() == [1.0, 0.0]
+    assert metrics.class_f1.tolist() == [1.0, 0.0]
+    assert (metrics.precision, metrics.recall, metrics.f1) == pytest.approx((0.5, 0.5, 0.5))
+    assert metrics.map50 == pytest.approx(0.5)  # AP 1 and 0: unchanged by the precision convention
+
+
+def test_class_with_no_detection_above_the_chosen_confidence_has_precision_zero() -> None:
+    """Class 0: one label found at conf 0.9. Class 1: one label and one wrong box at conf 0.2.
+
+    Mean F1 is 0.5 on the whole plateau (0, 0.9] (class 1's F1 is 0 everywhere), so the threshold is the highest
+    grid point <= 0.9, where class 1 keeps no detection: P 0, R 0 there (it used to read P 1).
+    """
+    stats = DetectionStats()
+    labels = np.array([[0, 0, 50, 50], [100, 0, 150, 50]], dtype=float)
+    preds = np.array([[0, 0, 50, 50], [300, 300, 350, 350]], dtype=float)
+    stats.update(preds, np.array([0.9, 0.2]), np.array([0, 1]), labels, np.array([0, 1]))
+    metrics = stats.compute(["a", "b"])
+    assert metrics.best_conf == pytest.approx(899 / 999)
+    assert metrics.class_precision.tolist() == [1.0, 0.0]
+    assert metrics.precision == pytest.approx(0.5)
+    # The precision-confidence curves: class 0 is 1 up to its detection's 0.9 and 0 above (nothing kept);
+    # class 1's only detection is wrong, so 0 everywhere.
+    grid = np.linspace(0.0, 1.0, 1000)
+    np.testing.assert_array_equal(metrics.curves.precision[0], np.where(grid <= 0.9, 1.0, 0.0))
+    np.testing.assert_array_equal(metrics.curves.precision[1], np.zeros(1000))
+
+
+def test_untrained_model_reports_precision_zero() -> None:
+    """Every prediction misses: F1 is 0 at every threshold, and so are P and R (not P 1.000, R 0.000)."""
+    stats = DetectionStats()
+    labels = np.array([[0, 0, 50, 50], [100, 0, 150, 50]], dtype=float)
+    preds = np.array([[300, 300, 350, 350], [400, 300, 450, 350], [500, 300, 550, 350]], dtype=float)
+    stats.update(preds, np.array([0.05, 0.03, 0.01]), np.array([0, 1, 1]), labels, np.array([0, 1]))
+    metrics = stats.compute(["a", "b"])
+    assert metrics.class_precision.tolist() == [0.0, 0.0]
+    assert (metrics.precision, metrics.recall, metrics.f1, metrics.map50) == (0.0, 0.0, 0.0, 0.0)
+
+
 def test_empty_stats() -> None:
     metrics = DetectionStats().compute(["a"])
     assert (metrics.map, metrics.map50, metrics.precision, metrics.num_images) == (0.0, 0.0, 0.0, 0)
@@ -138,8 +188,6 @@ def test_empty_stats() -> None:
 
 def test_fitness_weights() -> None:
     assert fitness(Metrics(map50=0.5, map=0.3)) == pytest.approx(0.1 * 0.5 + 0.9 * 0.3)
-    results = Metrics(precision=0.1, recall=0.2, map50=0.5, map=0.3, loss={"box": 0.05}).results_dict()
-    assert results["metrics/mAP_0.5:0.95"] == 0.3 and results["val/box_loss"] == 0.05
 
 
 def test_confusion_matrix_hand_built() -> None:
