@@ -19,7 +19,7 @@ _EXPORTS = {  # public name -> module that defines it
     "load_model": "detector.models.loading",
     "DetectionModel": "detector.models.yolo",
     "Detector": "detector.engine.predictor",
-    "export": "detector.engine.exporter",
+    "export": "detector.export",
     "train": "detector.engine.trainer",
 }
 

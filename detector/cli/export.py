@@ -1,4 +1,4 @@
-"""``python export.py``: YOLOv5's export flags -> ExportConfig -> Exporter (detector.engine.exporter)."""
+"""``python export.py``: YOLOv5's export flags -> ExportConfig -> Exporter (detector.export)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ from detector.cli.common import given_flags, new_parser, run_cli
 from detector.config import ExportConfig, build_config
 
 DESCRIPTION = """\
-Export a model to TorchScript, ONNX, OpenVINO IR and TensorRT, and check every file in its own runtime
-against the PyTorch model (raw predictions within 1e-3 in fp32; --nms outputs equal to our Python NMS).
-A failed check exits non-zero and deletes the bad file; a format whose runtime or device is missing
-(TensorRT without CUDA) is skipped with one line and the others are still written.
+Export a model to TorchScript, ONNX, OpenVINO IR and TensorRT, then load every file with the loader detect.py
+and val.py use and check it against the PyTorch model on real validation images (--data's, else the built-in
+dataset's): raw predictions within 1e-3 in fp32; --nms outputs equal to our single-label Python NMS, on images
+with detections. A failed check exits non-zero and deletes the bad file; a format whose runtime or device is
+missing (TensorRT without CUDA) is skipped with one line and the others are still written. The results table
+says what each file holds: its precision, whether NMS is in the graph, and any option it could not apply
+(--nms for TorchScript/OpenVINO, --int8 without nncf or outside OpenVINO).
 
 Files go to --project/--name (runs/export/exp, exp2, ...), named after the weights (yolov5n.onnx,
 yolov5n.torchscript, yolov5n_openvino_model/, yolov5n.engine), never beside the weights.
@@ -38,12 +41,16 @@ FLAGS: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
     ),
     (("--inplace",), {"action": "store_true"}, "accepted for YOLOv5 compatibility; has no effect"),
     (("--optimize",), {"action": "store_true"}, "TorchScript: optimise for mobile (CPU; needs PyTorch with XNNPACK)"),
-    (("--int8",), {"action": "store_true"}, "OpenVINO: int8 quantization with NNCF (needs nncf), on --data images"),
+    (
+        ("--int8",),
+        {"action": "store_true"},
+        "OpenVINO: int8 quantization with NNCF (pip install nncf) calibrated on --data images; other formats, or "
+        "no nncf: the table says int8 skipped, and why",
+    ),
     (
         ("--data",),
         {"type": str},
-        "dataset YAML: its val images feed the checks and calibrate --int8 ('' = synthetic check input, and the "
-        "built-in dataset for --int8)",
+        "dataset YAML: its val images feed the checks and calibrate --int8 ('' = the built-in dataset's val images)",
     ),
     (
         ("--dynamic",),
@@ -57,7 +64,8 @@ FLAGS: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
     (
         ("--nms",),
         {"action": "store_true"},
-        "ONNX/TensorRT: NMS inside the graph, outputs num_dets, det_boxes, det_scores, det_classes",
+        "ONNX/TensorRT: single-label NMS inside the graph (detect.py's), outputs num_dets, det_boxes, det_scores, "
+        "det_classes; TorchScript/OpenVINO stay raw ('not in graph' in the table)",
     ),
     (("--agnostic-nms",), {"action": "store_true"}, "with --nms: one NMS over all classes (best class per box)"),
     (("--topk-per-class",), {"type": int}, "with --nms: at most this many boxes per class and image (ONNX)"),
@@ -99,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags["include"] = _split_formats(flags["include"])
 
     def run() -> int:
-        from detector.engine.exporter import Exporter
+        from detector.export import Exporter
 
         config = build_config(ExportConfig, ("command line", flags))
         results = Exporter(config).run()

@@ -12,7 +12,6 @@ BGR->RGB and HWC->CHW at once into the batch buffer; the uint8 batch goes to the
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import sys
@@ -26,29 +25,17 @@ import torch
 
 from detector.config import DetectConfig
 from detector.data.augment import Letterbox, letterbox
+from detector.data.media import WRITABLE_IMAGE_SUFFIXES
 from detector.engine.backends import Backend, detections_from_output, load_backend
 from detector.engine.results import Results, write_image
 from detector.engine.sources import FileSource, Frame, SourceInput, StreamSource, open_source
 from detector.errors import ConfigError, DataError
 from detector.ops.boxes import scale_boxes
+from detector.utils.checks import check_imgsz, check_threshold
 from detector.utils.files import increment_path
 from detector.utils.torch_utils import describe_device, time_sync
 
 LOGGER = logging.getLogger(__name__)
-
-_WRITABLE_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def check_imgsz(imgsz: int | Sequence[int], stride: int) -> tuple[int, int]:
-    """(height, width) from one or two sizes, each rounded up to a multiple of ``stride`` (with a warning)."""
-    sizes = [imgsz] if isinstance(imgsz, int) else list(imgsz)
-    if len(sizes) not in (1, 2) or any(int(s) <= 0 for s in sizes):
-        raise ConfigError(f"--imgsz expects one or two positive numbers (size, or height width), got {sizes}")
-    height, width = (int(sizes[0]), int(sizes[0])) if len(sizes) == 1 else (int(sizes[0]), int(sizes[1]))
-    rounded = (math.ceil(height / stride) * stride, math.ceil(width / stride) * stride)
-    if rounded != (height, width):
-        LOGGER.warning("WARNING: --imgsz %s is not a multiple of the stride %d; using %s", sizes, stride, list(rounded))
-    return rounded
 
 
 @dataclass
@@ -89,9 +76,8 @@ class Predictor:
         half: bool = False,
         data: str | Path | None = None,
     ) -> None:
-        for name, value in (("conf_thres", conf_thres), ("iou_thres", iou_thres)):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}")
+        check_threshold("--conf-thres", conf_thres)
+        check_threshold("--iou-thres", iou_thres)
         if max_det < 1:
             raise ConfigError(f"--max-det must be at least 1, got {max_det}")
         self.backend: Backend = load_backend(weights, device, half=half, data=data or None)
@@ -414,7 +400,7 @@ def _output_stem(frame: Frame, with_frame: bool = True) -> str:
 
 def _image_name(path: str) -> str:
     name = Path(path).name
-    return name if Path(name).suffix.lower() in _WRITABLE_IMAGE_SUFFIXES else f"{Path(name).stem}.jpg"
+    return name if Path(name).suffix.lower() in WRITABLE_IMAGE_SUFFIXES else f"{Path(name).stem}.jpg"
 
 
 def run_detect(config: DetectConfig, source: FileSource | StreamSource | None = None) -> Path:

@@ -23,7 +23,7 @@ from scipy.cluster.vq import kmeans
 from torch import nn
 from tqdm import tqdm
 
-from detector.models.loss import detect_head
+from detector.models.yolo import detect_head
 
 LOGGER = logging.getLogger(__name__)
 

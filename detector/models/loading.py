@@ -20,6 +20,7 @@ from detector.errors import CheckpointError, ConfigError
 from detector.models.blocks import Conv
 from detector.models.yolo import DetectionModel
 from detector.utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from detector.utils.torch_utils import unwrap_model
 
 LOGGER = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def _as_float(state_dict: dict[str, Tensor], model: nn.Module, source: str) -> d
 def checkpoint_model_entries(model: nn.Module) -> dict[str, Any]:
     """The checkpoint entries describing ``model``: ``model_yaml``, ``names`` and ``model`` (its state dict, CPU
     copies). Unwraps DDP; refuses a fused model (its state dict no longer matches its YAML)."""
-    model = getattr(model, "module", model)  # DistributedDataParallel / DataParallel
+    model = unwrap_model(model)
     if not isinstance(model, DetectionModel):
         raise TypeError(f"expected a DetectionModel, got {type(model).__name__}")
     if any(isinstance(m, Conv) and not isinstance(m.bn, nn.BatchNorm2d) for m in model.modules()):

@@ -17,7 +17,7 @@ import functools
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from detector.errors import ConfigError
 from detector.models.blocks import Conv
 from detector.models.head import Detect
 from detector.models.registry import get_layer, layer_rule
+from detector.utils.torch_utils import unwrap_model
 
 LOGGER = logging.getLogger(__name__)
 
@@ -353,26 +354,9 @@ class DetectionModel(nn.Module):
         return x
 
     def _forward_augment(self, x: Tensor) -> Tensor:
-        """Test-time augmentation: predictions at scales 1, 0.83 (flipped left-right) and 0.67, mapped back to
-        ``x``'s pixels and concatenated along N. As YOLOv5 does, the largest-stride level is dropped at scale 1
-        and the smallest-stride level at the smallest scale (objects there are the wrong size for those levels)."""
-        width = x.shape[-1]
-        max_stride = int(self.stride.max())
-        outputs = []
-        for i, (scale, flip) in enumerate(zip(TTA_SCALES, TTA_FLIPS, strict=True)):
-            image = x.flip(-1) if flip == "lr" else x
-            raw = self.forward_raw(scale_image(image, scale, multiple=max_stride))
-            level_rows = [level.shape[1] * level.shape[2] * level.shape[3] for level in raw]
-            y = self.detect.decode(raw)
-            y[..., :4] /= scale
-            if flip == "lr":
-                y[..., 0] = width - y[..., 0]
-            if i == 0:
-                y = y[:, : y.shape[1] - level_rows[-1]]
-            elif i == len(TTA_SCALES) - 1:
-                y = y[:, level_rows[0] :]
-            outputs.append(y)
-        return torch.cat(outputs, 1)
+        """Test-time augmentation of the decoded eval forward: :func:`augmented_forward` (shared with every backend)."""
+        strides = [int(s) for s in self.stride.tolist()]
+        return augmented_forward(lambda images: self.detect.decode(self.forward_raw(images)), x, strides)
 
     # -- inference helpers ----------------------------------------------------------------------------------------
 
@@ -405,6 +389,16 @@ class DetectionModel(nn.Module):
         return ModelInfo(layers, parameters, gradients, gflops, imgsz)
 
 
+def detect_head(model: nn.Module) -> nn.Module:
+    """The Detect head of a model: unwraps DDP/DataParallel, then ``model.detect``, or ``model`` itself."""
+    model = unwrap_model(model)
+    head = getattr(model, "detect", model)
+    missing = [name for name in ("nl", "na", "nc", "anchors", "stride") if not hasattr(head, name)]
+    if missing:
+        raise TypeError(f"{type(model).__name__} has no Detect head: missing {', '.join(missing)}")
+    return head
+
+
 def scale_image(images: Tensor, ratio: float, multiple: int = 32) -> Tensor:
     """Resize (B, C, H, W) images by ``ratio`` (bilinear) and pad right/bottom with grey to multiples of ``multiple``.
 
@@ -419,6 +413,43 @@ def scale_image(images: Tensor, ratio: float, multiple: int = 32) -> Tensor:
     padded_width = math.ceil(width * ratio / multiple) * multiple
     padding = [0, padded_width - new_size[1], 0, padded_height - new_size[0]]
     return F.pad(resized, padding, value=TTA_PAD_VALUE)
+
+
+def augmented_forward(forward: Callable[[Tensor], Tensor], images: Tensor, strides: Sequence[int]) -> Tensor:
+    """Test-time augmentation around any decoded forward: the one implementation behind ``model(x, augment=True)``
+    and ``backend(images, augment=True)`` of every weight format.
+
+    ``forward`` maps (B, 3, h, w) images to decoded (B, N, 5 + nc) predictions (xywh pixels, objectness, class
+    scores), level by level in ``strides`` order. It runs at scales 1, 0.83 (flipped left-right) and 0.67
+    (:func:`scale_image`, padded to multiples of the largest stride); each pass's boxes are mapped back to
+    ``images``' pixels and the passes are concatenated along N. As YOLOv5 does, the largest-stride level is dropped
+    at scale 1 and the smallest-stride level at the smallest scale, where objects are the wrong size for them.
+    ``strides`` with one value (a single level, or a backend whose levels are unknown) keeps every row.
+    """
+    width = images.shape[-1]
+    max_stride = max(int(s) for s in strides)
+    outputs = []
+    for i, (scale, flip) in enumerate(zip(TTA_SCALES, TTA_FLIPS, strict=True)):
+        scaled = scale_image(images.flip(-1) if flip == "lr" else images, scale, multiple=max_stride)
+        predictions = forward(scaled)
+        boxes = predictions[..., :4] / scale
+        if flip == "lr":
+            boxes = torch.cat((width - boxes[..., :1], boxes[..., 1:]), -1)
+        predictions = torch.cat((boxes, predictions[..., 4:]), -1)
+        if len(strides) > 1 and i in (0, len(TTA_SCALES) - 1):
+            level_rows = _rows_per_level(predictions.shape[1], scaled.shape[-2:], strides)
+            predictions = predictions[:, : -level_rows[-1]] if i == 0 else predictions[:, level_rows[0] :]
+        outputs.append(predictions)
+    return torch.cat(outputs, 1)
+
+
+def _rows_per_level(num_rows: int, size: Sequence[int], strides: Sequence[int]) -> list[int]:
+    """Prediction rows of each output level for an input of ``size`` (h, w): anchors x grid cells of the level."""
+    cells = [(int(size[0]) // int(s)) * (int(size[1]) // int(s)) for s in strides]
+    anchors, remainder = divmod(num_rows, sum(cells))
+    if remainder or anchors < 1:
+        raise ValueError(f"{num_rows} prediction rows do not fit levels of strides {list(strides)} at {list(size)}")
+    return [anchors * c for c in cells]
 
 
 def count_gflops(model: DetectionModel, imgsz: int = 640) -> float | None:

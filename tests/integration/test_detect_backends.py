@@ -17,17 +17,11 @@ import yaml
 from tiny_models import strided_convs_yaml
 from torch import nn
 
-from detector.engine.backends import (
-    BACKENDS,
-    Backend,
-    backend_suffix,
-    detections_from_output,
-    load_backend,
-    register_backend,
-    split_engine_header,
-)
+from detector.engine.backends import Backend, detections_from_output, load_backend
 from detector.engine.predictor import Predictor
 from detector.errors import CheckpointError, ConfigError
+from detector.export import FORMATS, ExportContext, Format, OpenVINOFormat, format_for_path, register_format
+from detector.export.metadata import split_engine_header
 from detector.models.yolo import DetectionModel
 
 # Tracing/exporting a model is what these tests do; torch's deprecation and tracer notes about it are expected.
@@ -146,7 +140,8 @@ def test_openvino_backend(tmp_path: Path, tiny_model: DetectionModel, images: to
     backend = load_backend(folder, "cpu")
     assert backend.names == NAMES and backend.dynamic
     torch.testing.assert_close(backend(images), _reference(tiny_model, images), atol=1e-4, rtol=1e-4)
-    assert BACKENDS[backend_suffix(folder / "tiny.xml")] is type(backend)  # the .xml itself selects OpenVINO too
+    assert format_for_path(folder / "tiny.xml") is format_for_path(folder) is OpenVINOFormat  # the .xml too
+    assert type(load_backend(folder / "tiny.xml")) is type(backend)
 
 
 class _FixedDetections(nn.Module):
@@ -204,10 +199,26 @@ def test_unknown_and_missing_weights_are_one_line_errors(tmp_path: Path) -> None
 
 
 def test_a_new_format_is_one_class_and_one_suffix(tmp_path: Path) -> None:
-    @register_backend(".echo")
     class EchoBackend(Backend):
         def forward(self, images: torch.Tensor) -> torch.Tensor:
             return images.flatten(2).transpose(1, 2)[..., :3].repeat(1, 1, 3)
+
+    @register_format
+    class EchoFormat(Format):
+        name, title, suffixes = "echo", "Echo", (".echo",)
+
+        def output_path(self, ctx: ExportContext) -> Path:
+            return ctx.output_stem.with_suffix(".echo")
+
+        def write(self, ctx: ExportContext) -> Path:
+            self.output_path(ctx).write_text("")
+            return self.output_path(ctx)
+
+        def load(self, path: Path, device: torch.device, half: bool) -> Backend:
+            return EchoBackend(path, device, half)
+
+        def read_metadata(self, path: Path) -> dict:
+            return {}
 
     try:
         path = tmp_path / "m.echo"
@@ -215,18 +226,23 @@ def test_a_new_format_is_one_class_and_one_suffix(tmp_path: Path) -> None:
         backend = load_backend(path)
         assert isinstance(backend, EchoBackend) and backend(torch.ones(1, 3, 2, 2)).shape == (1, 4, 9)
     finally:
-        del BACKENDS[".echo"]
+        del FORMATS["echo"]
+    with pytest.raises(CheckpointError, match="unsupported weights format"):
+        load_backend(path)
 
 
-def test_generic_test_time_augmentation(tmp_path: Path, tiny_model: DetectionModel) -> None:
+def test_every_backend_runs_the_models_own_test_time_augmentation(tmp_path: Path, tiny_model: DetectionModel) -> None:
+    """One TTA (detector.models.yolo.augmented_forward) for every format: an ONNX file's augmented output equals
+    the PyTorch model's ``model(x, augment=True)``, level dropping included (the strides come from the metadata)."""
     square = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     backend = load_backend(_export_onnx(tiny_model, tmp_path / "d.onnx", square, _metadata((64, 64), True), True))
-    plain, augmented = backend(square), backend(square, augment=True)
-    rows = 3 * (8 * 8 + 4 * 4 + 2 * 2)  # 3 anchors per cell at strides 8/16/32 of a 64x64 input
-    assert plain.shape[1] == rows and augmented.shape[1] == 3 * rows  # 0.83 and 0.67 scales pad back to 64
-    torch.testing.assert_close(augmented[:, :rows], plain)
-    mirrored = backend(square.flip(-1))  # scale 0.83 pass: predictions on the flipped image, x mapped back
-    assert augmented[:, rows : 2 * rows, 0].max() <= 64 / 0.83 + 1e-3 and mirrored.shape == plain.shape
+    assert backend.strides == (8, 16, 32)
+    for images in (square, torch.rand(2, 3, 96, 64, generator=torch.Generator().manual_seed(4))):
+        augmented = backend(images, augment=True)
+        with torch.no_grad():
+            expected = tiny_model(images, augment=True)
+        assert augmented.shape == expected.shape and augmented.shape[1] > backend(images).shape[1]
+        torch.testing.assert_close(augmented, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_predictor_gives_the_same_results_for_every_format(
@@ -260,7 +276,7 @@ def test_the_exporters_files_load_and_match(tmp_path: Path, tiny_model: Detectio
     backend = load_backend(with_nms["onnx"], "cpu")
     assert backend.end2end
     ours = detections_from_output(backend(images), True, conf_thres=0.25)[0]
-    # ONNX's NonMaxSuppression keeps a box once per class above the threshold: multi-label NMS
-    expected = non_max_suppression(reference, 0.25, 0.45, multi_label=True, max_det=100)[0]
+    # single-label NMS in the graph, as detect.py runs it on raw outputs: each box in its best class only
+    expected = non_max_suppression(reference, 0.25, 0.45, multi_label=False, max_det=100)[0]
     assert len(ours) == len(expected) > 0
     torch.testing.assert_close(ours, expected, atol=1e-3, rtol=1e-4)

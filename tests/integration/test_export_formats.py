@@ -1,8 +1,10 @@
 """export.py end to end on CPU: every format written, read back and run here in its own runtime against PyTorch.
 
 The checks in these tests are independent of the exporter's own: they load the written files with
-torch.jit / onnxruntime / OpenVINO directly and compare with the PyTorch model the checkpoint holds.
-Models: yolov5n.yaml with 3 classes (the real architecture) for the script test, a 5-conv model for the rest.
+torch.jit / onnxruntime / OpenVINO directly and compare with the PyTorch model the checkpoint holds (and, for
+--nms, with the .pt's own detections through detect.py's Predictor).
+Models: yolov5n.yaml with 3 classes (the real architecture) for the script test, a 5-conv model for the rest,
+the official yolov5n.pt for the real-image tests.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnxruntime
 import pytest
@@ -18,9 +21,10 @@ import torch
 from tiny_models import strided_convs_yaml
 
 from detector.config import ExportConfig
-from detector.engine import exporter
-from detector.engine.exporter import Exporter, export, read_metadata, reference_detections
+from detector.engine.backends import Backend
 from detector.errors import ExportError
+from detector.export import Exporter, OnnxFormat, export, read_metadata, reference_detections, results_table
+from detector.export.nms import compare_detections
 from detector.models.loading import checkpoint_model_entries, load_model
 from detector.models.yolo import DetectionModel
 from detector.utils.checkpoint import save_checkpoint
@@ -140,7 +144,7 @@ def test_onnx_nms_with_dynamic_batch_equals_python_nms(tiny_model: DetectionMode
         with torch.no_grad():
             _assert_close_to_torch(predictions.numpy(), tiny_model(images))
         expected = reference_detections(predictions, ExportConfig(conf_thres=0.3, topk_all=40))
-        matched, problem = exporter.compare_detections(outputs, expected, atol=1e-5)
+        matched, problem = compare_detections(outputs, expected, atol=1e-5)
         assert problem is None
         total += matched
     assert total > 20  # real detections were compared, not empty outputs
@@ -158,7 +162,7 @@ def test_half_exports_with_nms_and_dynamic(tiny_model: DetectionModel, tmp_path:
     assert outputs[2].dtype == np.float32 and int(outputs[0].sum()) > 5
     predictions = torch.from_numpy(raw.run(None, {"images": images.numpy()})[0]).float()
     expected = reference_detections(predictions, ExportConfig(conf_thres=0.3))
-    assert exporter.compare_detections(outputs, expected, atol=1e-5)[1] is None
+    assert compare_detections(outputs, expected, atol=1e-5)[1] is None
     with torch.no_grad():  # fp16 vs the fp32 model: scores within 0.02
         assert (predictions[..., 4:] - tiny_model(images.float())[..., 4:]).abs().max() < 0.02
     torchscript = torch.jit.load(str(paths["torchscript"]))
@@ -170,13 +174,17 @@ def test_half_exports_with_nms_and_dynamic(tiny_model: DetectionModel, tmp_path:
 def test_failed_check_is_an_export_error_and_deletes_the_file(
     tiny_model: DetectionModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original_load = exporter.OnnxFormat.load
+    """The check loads the file through load_backend -> OnnxFormat.load, the loader detect.py and val.py use:
+    a loader that is off by a pixel fails the export."""
+    original_load = OnnxFormat.load
 
-    def off_by_a_pixel(self: exporter.OnnxFormat, path: Path, ctx: exporter.ExportContext) -> exporter.Runner:
-        run = original_load(self, path, ctx)
-        return lambda images: [run(images)[0] + 1.0]
+    def off_by_a_pixel(self: OnnxFormat, path: Path, device: torch.device, half: bool) -> Backend:
+        backend = original_load(self, path, device, half)
+        forward = backend.forward
+        backend.forward = lambda images: forward(images) + 1.0  # type: ignore[method-assign]
+        return backend
 
-    monkeypatch.setattr(exporter.OnnxFormat, "load", off_by_a_pixel)
+    monkeypatch.setattr(OnnxFormat, "load", off_by_a_pixel)
     config = ExportConfig(include=("onnx", "torchscript"), imgsz=(64, 64), project=str(tmp_path), name="bad")
     with pytest.raises(ExportError, match="ONNX: predictions differ from PyTorch"):
         Exporter(config).run(tiny_model)
@@ -190,8 +198,6 @@ def test_real_yolov5n_nms_onnx_finds_what_pytorch_finds_on_bus(
 ) -> None:
     """The official yolov5n.pt exported with --nms, checked by export.py on coco128 images (--data), then run
     on bus.jpg: the same detections as our Python NMS on the PyTorch model's predictions."""
-    import cv2
-
     from detector.data.augment import letterbox
 
     config = ExportConfig(
@@ -208,23 +214,125 @@ def test_real_yolov5n_nms_onnx_finds_what_pytorch_finds_on_bus(
     with torch.no_grad():
         expected = reference_detections(load_model(yolov5n_weights).eval()(images), config)
     assert 0 in expected[0][:, 5].tolist()  # persons
-    matched, problem = exporter.compare_detections(outputs, expected, atol=1e-3, borderline_score=0.251)
+    matched, problem = compare_detections(outputs, expected, atol=1e-3, borderline_score=0.251)
     assert problem is None and matched == len(expected[0])
 
 
-def test_openvino_int8_is_quantized_with_nncf_or_skipped_with_a_note(
+@pytest.mark.slow
+def test_onnx_nms_gives_the_pt_detections_on_bus(yolov5n_weights: Path, shared_images: Path, tmp_path: Path) -> None:
+    """export.py --nms gives what the .pt gives at the same settings (conf 0.25, IoU 0.45, single-label NMS as
+    detect.py): on bus.jpg at 480 a multi-label graph also reported the bus as a truck (score 0.29 or 0.42)."""
+    from detector.data.augment import letterbox
+    from detector.engine.backends import detections_from_output, load_backend
+    from detector.engine.predictor import Detector
+
+    (result,) = Exporter(
+        ExportConfig(weights=str(yolov5n_weights), include=("onnx",), imgsz=(480,), nms=True, dynamic=True,
+                     project=str(tmp_path))
+    ).run()  # fmt: skip
+    assert "detections = Python NMS" in result.check and "built-in validation image" in result.check
+
+    # detect.py's pipeline (letterbox padded to the stride, as the file takes any size): .pt vs .onnx
+    found = [Detector(w, device="cpu", imgsz=480)(shared_images / "bus.jpg")[0] for w in (yolov5n_weights, result.path)]
+    assert found[0].input_shape == found[1].input_shape == (480, 384)
+    assert found[0].class_ids.tolist() == found[1].class_ids.tolist() and "bus" in found[0].summary()
+    np.testing.assert_allclose(found[1].confidences, found[0].confidences, atol=1e-3)
+    np.testing.assert_allclose(found[1].boxes, found[0].boxes, atol=0.1)
+
+    # a square 480x480 input (what a fixed-size export is fed), through load_backend for both files
+    image, _ = letterbox(cv2.imread(str(shared_images / "bus.jpg")), (480, 480), auto=False)
+    images = torch.from_numpy(np.ascontiguousarray(image[..., ::-1].transpose(2, 0, 1)))[None].float() / 255
+    pt = detections_from_output(load_backend(yolov5n_weights, "cpu")(images), False, 0.25, 0.45)[0]
+    graph = load_backend(result.path, "cpu")
+    with_nms = detections_from_output(graph(images), graph.end2end, 0.25, 0.45)[0]
+    assert with_nms[:, 5].tolist() == pt[:, 5].tolist() and 7.0 not in with_nms[:, 5].tolist()  # 7: truck
+    torch.testing.assert_close(with_nms[:, :5], pt[:, :5], atol=0.1, rtol=1e-3)
+
+
+def test_nms_is_said_not_in_graph_for_formats_that_cannot_hold_it(tiny_model: DetectionModel, tmp_path: Path) -> None:
+    """--nms with TorchScript/OpenVINO: those files stay raw, and the results table says so on their rows."""
+    from detector.engine.backends import load_backend
+
+    config = ExportConfig(include=("torchscript", "onnx", "openvino"), imgsz=(64, 64), nms=True, project=str(tmp_path))
+    results = Exporter(config).run(tiny_model)
+    assert [r.nms for r in results] == ["not in graph", "in graph", "not in graph"]
+    assert "nms" in results[0].skipped_options and "nms" not in results[1].skipped_options
+    assert [load_backend(r.path).end2end for r in results] == [False, True, False]
+    assert [read_metadata(r.path)["nms"] for r in results] == [False, True, False]
+    table = results_table(results).splitlines()
+    rows = {line.split()[0]: line for line in table[1:4]}
+    assert "not in graph" in rows["TorchScript"] and "not in graph" in rows["OpenVINO"]
+    assert " in graph " in rows["ONNX"] and "not in graph" not in rows["ONNX"]
+    assert any(line.startswith("TorchScript: --nms not in graph") for line in table[4:])
+
+
+def test_nms_check_without_data_runs_on_builtin_images_and_never_passes_empty(
     tiny_model: DetectionModel, tmp_path: Path
 ) -> None:
-    import importlib.util
+    """Without --data the checks run on the built-in dataset's validation images (generated once, cached); an
+    --nms check needs detections to compare: a model that finds nothing fails it instead of passing on nothing."""
+    from detector.data.dataset import find_images
+    from detector.data.dataset_config import load_dataset_config
+    from detector.export.base import validation_images
 
-    config = ExportConfig(include=("openvino",), imgsz=(64, 64), int8=True, project=str(tmp_path))
-    (result,) = Exporter(config).run(tiny_model)
-    assert result.ok
-    if importlib.util.find_spec("nncf") is None:
-        assert "int8 skipped" in result.check and "nncf" in result.check
-        assert read_metadata(result.path)["int8"] is False
-    else:
-        assert read_metadata(result.path)["int8"] is True
+    files = [file for file, _ in find_images(load_dataset_config("").val)[:4]]
+    images = validation_images("", 4)
+    assert len(images) == 4 and all(np.array_equal(i, cv2.imread(str(f))) for i, f in zip(images, files, strict=True))
+
+    (result,) = Exporter(ExportConfig(include=("onnx",), imgsz=(64, 64), nms=True, project=str(tmp_path))).run(
+        tiny_model
+    )
+    assert result.check.endswith("(1 built-in validation image)") and not result.check.startswith("0/")
+
+    blind = DetectionModel(strided_convs_yaml(nc=3)).eval()
+    with torch.no_grad():
+        for conv in blind.detect.m:
+            conv.bias.view(blind.detect.na, -1)[:, 4] -= 30.0  # objectness ~1e-13: never above --conf-thres
+    config = ExportConfig(include=("onnx",), imgsz=(64, 64), nms=True, project=str(tmp_path), name="blind")
+    with pytest.raises(ExportError, match=r"no detections above --conf-thres 0\.25 on the 64 built-in validation"):
+        Exporter(config).run(blind)
+    assert not (tmp_path / "blind" / "model.onnx").exists()
+    raw = ExportConfig(include=("onnx",), imgsz=(64, 64), project=str(tmp_path), name="blind_raw")
+    assert Exporter(raw).run(blind)[0].ok  # raw predictions are still checked, on the same real images
+
+
+def test_int8_that_cannot_run_is_reported_skipped_with_the_reason(
+    tiny_model: DetectionModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--int8 without NNCF, or for a format other than OpenVINO: the file is written at its own precision and the
+    results say "int8 skipped" and why - never an ok that reads as an int8 model."""
+    monkeypatch.setitem(sys.modules, "nncf", None)  # as if nncf were not installed: importing it fails
+    config = ExportConfig(include=("openvino", "onnx"), imgsz=(64, 64), int8=True, project=str(tmp_path))
+    openvino_result, onnx_result = Exporter(config).run(tiny_model)
+    assert openvino_result.ok and openvino_result.precision == "fp32"
+    assert openvino_result.skipped_options == {"int8": "skipped: NNCF is not installed (pip install nncf)"}
+    assert onnx_result.skipped_options == {"int8": "skipped: ONNX has no int8 export (only openvino)"}
+    assert read_metadata(openvino_result.path)["int8"] is False
+    table = results_table([openvino_result, onnx_result])  # what Exporter.run logs
+    openvino_row = next(line for line in table.splitlines() if line.startswith("OpenVINO "))
+    assert "fp32 (int8 skipped)" in openvino_row
+    assert "OpenVINO: --int8 skipped: NNCF is not installed (pip install nncf)" in table
+    assert "ONNX: --int8 skipped: ONNX has no int8 export" in table
+
+
+@pytest.mark.slow
+def test_openvino_int8_with_nncf_loads_and_detects_on_bus(
+    yolov5n_weights: Path, shared_images: Path, tmp_path: Path
+) -> None:
+    """--int8 with NNCF installed (the export extra): an int8 IR (quantize/dequantize around int8 weights) that
+    load_backend runs and that finds bus.jpg's bus and persons as the .pt does."""
+    pytest.importorskip("nncf", reason="--int8 needs nncf (pip install nncf, in the export and dev extras)")
+    from detector.engine.predictor import Detector
+
+    common = {"include": ("openvino",), "imgsz": (320, 320), "project": str(tmp_path)}
+    (result,) = Exporter(ExportConfig(weights=str(yolov5n_weights), int8=True, **common)).run()
+    assert result.precision == "int8" and not result.skipped_options and read_metadata(result.path)["int8"] is True
+    xml = next(result.path.glob("*.xml")).read_text()
+    assert "FakeQuantize" in xml or 'element_type="i8"' in xml or 'element_type="u8"' in xml
+    int8_found = Detector(result.path, device="cpu", imgsz=320)(shared_images / "bus.jpg")[0]
+    pt_found = Detector(yolov5n_weights, device="cpu", imgsz=320)(shared_images / "bus.jpg")[0]
+    assert "bus" in int8_found.summary() and "person" in int8_found.summary()
+    assert set(int8_found.class_ids.tolist()) == set(pt_found.class_ids.tolist())
 
 
 def test_onnx_opset_and_simplify(tiny_model: DetectionModel, tmp_path: Path) -> None:

@@ -19,20 +19,12 @@ from torch import nn
 
 from detector.cli.export import FLAGS, build_parser, main
 from detector.config import ExportConfig, build_config
-from detector.engine.backends import split_engine_header
-from detector.engine.exporter import (
-    FORMATS,
-    NMS_OUTPUT_NAMES,
-    NMSModel,
-    TensorRTFormat,
-    compare_detections,
-    export_image_size,
-    read_metadata,
-    reference_detections,
-    validate_config,
-    write_engine_file,
-)
 from detector.errors import ConfigError
+from detector.export import FORMATS, TensorRTFormat, format_for_include, format_for_path, read_metadata
+from detector.export.exporter import ExportResult, results_table, validate_config
+from detector.export.metadata import split_engine_header, write_engine_file
+from detector.export.nms import NMS_OUTPUT_NAMES, NMSModel, compare_detections, reference_detections
+from detector.utils.checks import check_imgsz
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
@@ -212,11 +204,14 @@ def test_bad_options_are_one_line_config_errors(changes: dict, message: str) -> 
 
 
 def test_image_size_rounds_up_to_the_stride() -> None:
-    assert export_image_size((640,), 32) == (640, 640)
-    assert export_image_size((100,), 32) == (128, 128)
-    assert export_image_size((64, 90), 32) == (64, 96)
-    with pytest.raises(ConfigError, match="one or two numbers"):
-        export_image_size((1, 2, 3), 32)
+    # the exporter rounds --imgsz with the shared check (detector.utils.checks), as train/val/detect do
+    assert check_imgsz((640,), 32) == (640, 640)
+    assert check_imgsz((100,), 32) == (128, 128)
+    assert check_imgsz((64, 90), 32) == (64, 96)
+    with pytest.raises(ConfigError, match="one or two positive integers"):
+        check_imgsz((1, 2, 3), 32)
+    with pytest.raises(ConfigError, match="--imgsz expects one or two positive integers"):
+        validate_config(_config(imgsz=(1, 2, 3)))
 
 
 def test_cli_flags_map_to_export_config() -> None:
@@ -386,8 +381,8 @@ def test_tensorrt_failures_say_why(
 
 
 def test_only_skipped_formats_is_an_error_not_a_silent_success(tmp_path: Path) -> None:
-    from detector.engine.exporter import Exporter
     from detector.errors import ExportError
+    from detector.export import Exporter
     from detector.models.yolo import DetectionModel
 
     if torch.cuda.is_available():
@@ -399,3 +394,131 @@ def test_only_skipped_formats_is_an_error_not_a_silent_success(tmp_path: Path) -
     config = _config(include=("engine",), imgsz=(64,), project=str(tmp_path))
     with pytest.raises(ExportError, match=r"nothing exported: TensorRT skipped \(.*CUDA"):
         Exporter(config).run(DetectionModel(tiny))
+
+
+# -- single-label NMS in the graph (detect.py's NMS) ------------------------------------------------------------------
+
+
+def test_onnx_nms_is_single_label_like_detect(tmp_path: Path) -> None:
+    """A box above the threshold in two classes is reported once, in its best class, as detect.py's NMS does
+    (the ONNX op alone would keep it once per class: a bus that is also reported as a truck)."""
+    from detector.ops.nms import non_max_suppression
+
+    config = _config(conf_thres=0.25, iou_thres=0.45, topk_all=10)
+    pred = torch.tensor([[_box(50, 50, 40, 40, 0.9, 0.8, 0.6), _box(150, 50, 20, 20, 0.9, 0.1, 0.5)]])
+    num_dets, boxes, scores, classes = _run_onnx(_nms_onnx(tmp_path, config, pred), pred)
+    assert num_dets.tolist() == [[2]]  # multi-label would add (box 0, class 1, 0.54)
+    assert classes[0, :2].tolist() == [0, 1]
+    np.testing.assert_allclose(scores[0, :2], [0.72, 0.45], atol=1e-6)
+    expected = non_max_suppression(pred, 0.25, 0.45, multi_label=False)[0]
+    np.testing.assert_allclose(np.c_[boxes[0, :2], scores[0, :2], classes[0, :2]], expected.numpy(), atol=1e-5)
+    # seeded predictions where single- and multi-label NMS disagree: the graph gives the single-label result
+    pred = _random_predictions(7, 2, 120, 4)
+    multi = non_max_suppression(pred, 0.2, 0.5, multi_label=True, max_det=1000)
+    single = non_max_suppression(pred, 0.2, 0.5, multi_label=False, max_det=1000)
+    assert sum(map(len, multi)) > sum(map(len, single)) > 10
+    config = _config(conf_thres=0.2, iou_thres=0.5, topk_all=200, topk_per_class=200)
+    outputs = _run_onnx(_nms_onnx(tmp_path, config, pred), pred)
+    assert compare_detections(outputs, single, atol=1e-5) == (sum(map(len, single)), None)
+
+
+@pytest.mark.parametrize("flavor", ["onnx", "tensorrt"])
+def test_static_nms_graph_holds_no_prediction_sized_constant(tmp_path: Path, flavor: str) -> None:
+    """With fixed shapes torch.onnx folds constants; a (B, N, C) fill tensor would double yolov5n's file."""
+    pred = _random_predictions(0, 1, 2000, 80)  # (1, 2000, 85): 160k scores, 640 kB as a float32 constant
+    path = tmp_path / f"static_{flavor}.onnx"
+    torch.onnx.export(
+        NMSModel(nn.Identity(), _config(), flavor).eval(), (pred,), str(path), dynamo=False, opset_version=17,
+        input_names=["images"], output_names=list(NMS_OUTPUT_NAMES),
+    )  # fmt: skip
+    assert path.stat().st_size < 64_000
+
+
+def test_tensorrt_graph_feeds_efficient_nms_one_class_per_box(tmp_path: Path) -> None:
+    """EfficientNMS_TRT takes every class score above the threshold; the graph masks all but each box's best
+    class to -1 before it, so the TensorRT engine is single-label too. The subgraph up to the plugin runs here."""
+    import onnxruntime
+
+    config = _config(conf_thres=0.2, iou_thres=0.5, topk_all=20)
+    pred = _random_predictions(5, 2, 50, 3)
+    path = _nms_onnx(tmp_path, config, pred, flavor="tensorrt")
+    proto = onnx.load(str(path))
+    (plugin,) = [n for n in proto.graph.node if n.op_type == "EfficientNMS_TRT"]
+    producer = {output: node for node in proto.graph.node for output in node.output}
+    assert producer[plugin.input[1]].op_type == "Where"
+    masked_path = tmp_path / "masked_scores.onnx"
+    onnx.utils.extract_model(str(path), str(masked_path), ["images"], [plugin.input[1]])
+    session = onnxruntime.InferenceSession(str(masked_path), providers=["CPUExecutionProvider"])
+    (masked,) = session.run(None, {"images": pred.numpy()})
+    scores = (pred[..., 5:] * pred[..., 4:5]).numpy()
+    assert ((masked >= 0).sum(-1) == 1).all()  # one class per box, the others at -1 (below any threshold)
+    np.testing.assert_allclose(masked.max(-1), scores.max(-1), atol=1e-6)
+    assert (masked.argmax(-1) == scores.argmax(-1)).all()
+
+
+# -- the registry and the results table -------------------------------------------------------------------------------
+
+
+def test_formats_are_found_by_include_name_and_by_path(tmp_path: Path) -> None:
+    assert list(FORMATS) == ["torchscript", "onnx", "openvino", "engine"]
+    assert format_for_include("engine") is TensorRTFormat
+    with pytest.raises(ConfigError, match="did you mean 'openvino'"):
+        format_for_include("openvin")
+    folder = tmp_path / "plain_folder"
+    folder.mkdir()
+    (folder / "m.xml").write_text("<net/>")
+    expected = {
+        "m.torchscript": "torchscript", "m.onnx": "onnx", "m.ONNX": "onnx", "m_openvino_model": "openvino",
+        "m_openvino_model/m.xml": "openvino", str(folder): "openvino", "m.engine": "engine",
+    }  # fmt: skip
+    for name, format_name in expected.items():
+        assert format_for_path(tmp_path / name) is FORMATS[format_name], name
+    assert format_for_path(tmp_path / "m.pt") is None and format_for_path(tmp_path / "m.tflite") is None
+
+
+def test_results_table_shows_precision_nms_and_skipped_options() -> None:
+    results = [
+        ExportResult(
+            "torchscript", "TorchScript", Path("r/m.torchscript"), 1.0, 2.0, "scores max |Δ| 0", precision="fp32",
+            nms="not in graph", skipped_options={"nms": "not in graph (no NMS here)"},
+        ),
+        ExportResult("onnx", "ONNX", Path("r/m.onnx"), 1.0, 2.0, "3/3 detections", precision="fp32", nms="in graph"),
+        ExportResult(
+            "openvino", "OpenVINO", Path("r/m_openvino_model"), 1.0, 2.0, "scores max |Δ| 0", precision="fp32",
+            nms="not in graph", skipped_options={"int8": "skipped: NNCF is not installed (pip install nncf)"},
+        ),
+        ExportResult("engine", "TensorRT", None, skipped="no CUDA device"),
+    ]  # fmt: skip
+    lines = results_table(results).splitlines()
+    assert lines[0].split() == ["Format", "File", "Size", "Time", "Precision", "NMS", "Check"]
+    rows = {line.split()[0]: line for line in lines[1:5]}
+    assert "not in graph" in rows["TorchScript"] and "in graph" in rows["ONNX"]
+    assert "not in graph" not in rows["ONNX"]
+    assert "fp32 (int8 skipped)" in rows["OpenVINO"] and "int8  " not in rows["OpenVINO"]
+    assert "skipped: no CUDA device" in rows["TensorRT"]
+    assert lines[5:] == [
+        "TorchScript: --nms not in graph (no NMS here)",
+        "OpenVINO: --int8 skipped: NNCF is not installed (pip install nncf)",
+    ]
+
+
+def test_detector_export_is_callable_whichever_is_imported_first(tmp_path: Path) -> None:
+    """``detector.export`` is both the package and the API function; importing the package first (as
+    load_backend does) must not turn ``detector.export(...)`` into a call of a module."""
+    import subprocess
+    import sys
+
+    script = f"""
+import detector.export.onnx  # the package first: Python binds detector.export to it
+import detector
+from detector import export
+from detector.models.yolo import DetectionModel
+yaml = {{"nc": 2, "depth_multiple": 1.0, "width_multiple": 1.0, "anchors": [[10, 13, 16, 30]],
+        "backbone": [[-1, 1, "Conv", [8, 3, 2]]], "head": [[[0], 1, "Detect", ["nc", "anchors"]]]}}
+for call in (detector.export, export):
+    paths = call(DetectionModel(yaml), include=("torchscript",), imgsz=(64,), project={str(tmp_path)!r})
+    assert paths["torchscript"].is_file(), paths
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

@@ -1,0 +1,186 @@
+"""ONNX: ``<stem>.onnx`` written by torch.onnx, run by ONNX Runtime; metadata in ``metadata_props``.
+
+Options: ``--opset``, ``--dynamic`` (batch, height and width free), ``--simplify`` (onnxslim), ``--half`` (fp16
+graph and input), ``--nms`` (single-label NMS in the graph, :mod:`detector.export.nms`). Every metadata value is
+JSON-encoded (``"stride": "32"``); YOLOv5's files, whose values are Python literals, load too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from detector.engine.backends import (
+    Backend,
+    apply_metadata,
+    end2end_to_detections,
+    first_line,
+    shape_from_dims,
+)
+from detector.errors import CheckpointError, ExportError
+from detector.export.base import INPUT_NAME, ExportContext, Format, RawOutput, quiet_tracing, register_format
+from detector.export.metadata import decode_metadata_value, nms_metadata
+from detector.export.nms import NMS_OUTPUT_NAMES, NMSModel
+
+LOGGER = logging.getLogger(__name__)
+
+RAW_OUTPUT_NAME = "output0"
+MIN_OPSET, MAX_OPSET = 11, 20  # TopK/NonMaxSuppression need 11; torch's TorchScript-based ONNX exporter stops at 20
+
+
+class OnnxBackend(Backend):
+    """An ONNX model run by ONNX Runtime (CUDA provider when asked for and installed, else CPU)."""
+
+    format_name = "ONNX"
+
+    def __init__(self, weights: Path, device: torch.device, half: bool) -> None:
+        super().__init__(weights, device, half)
+        import onnxruntime
+
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+                providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+            else:
+                LOGGER.warning("WARNING: onnxruntime has no CUDA provider (pip install onnxruntime-gpu); using CPU")
+                self.device = torch.device("cpu")
+        options = onnxruntime.SessionOptions()
+        # Idle intra-op threads otherwise spin after each run, taking the CPU from the letterbox and NMS that
+        # follow: on 2 cores this cost ~25% more CPU time for no lower latency (measured with yolov5n at 640).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = onnxruntime.InferenceSession(str(weights), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
+            raise CheckpointError(f"{weights}: ONNX Runtime cannot load it ({first_line(e)})") from e
+        raw = self.session.get_modelmeta().custom_metadata_map
+        apply_metadata(self, {k: decode_metadata_value(v) for k, v in raw.items()}, str(weights))
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        self.input_shape = shape_from_dims(model_input.shape)
+        self.fp16 = model_input.type == "tensor(float16)"
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.end2end = self.end2end or set(NMS_OUTPUT_NAMES) <= set(self.output_names)
+
+    def forward(self, images: Tensor) -> Tensor:
+        array = images.detach().cpu().numpy()  # zero-copy on CPU
+        outputs = self.session.run(self.output_names, {self.input_name: array})
+        if self.end2end:
+            by_name = dict(zip(self.output_names, outputs, strict=True))
+            return end2end_to_detections(*(torch.from_numpy(by_name[n]) for n in NMS_OUTPUT_NAMES))
+        return torch.from_numpy(outputs[0])
+
+
+@register_format
+class OnnxFormat(Format):
+    """ONNX (--opset, --dynamic, --simplify, --half, --nms); metadata in ``metadata_props``; run by onnxruntime."""
+
+    name = "onnx"
+    title = "ONNX"
+    suffixes = (".onnx",)
+    required_packages = ("onnx", "onnxruntime")
+    supports_nms = True
+
+    def output_path(self, ctx: ExportContext) -> Path:
+        return ctx.output_stem.with_suffix(".onnx")
+
+    def write(self, ctx: ExportContext) -> Path:
+        flavor = "nms" if self.uses_nms(ctx) else "raw"
+        half = self.is_half(ctx)
+        path = write_onnx(ctx, self.output_path(ctx), flavor=flavor, half=half, simplify=ctx.config.simplify)
+        if flavor == "raw" and not ctx.config.simplify:
+            ctx._onnx_files.setdefault(("raw", half), path)  # OpenVINO can convert this one
+        return path
+
+    def load(self, path: Path, device: torch.device, half: bool) -> Backend:
+        return OnnxBackend(path, device, half)
+
+    def read_metadata(self, path: Path) -> dict[str, Any]:
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        return {p.key: decode_metadata_value(p.value) for p in proto.metadata_props}
+
+    def nms_reference_predictions(self, images: Tensor, ctx: ExportContext) -> tuple[Tensor, bool]:
+        # The same graph without NMS, in the same runtime: its predictions are the ones the NMS op saw.
+        from detector.engine.backends import load_backend
+
+        raw = load_backend(ctx.onnx_file("raw", self.is_half(ctx)), self.check_device(ctx))
+        return raw(images), True
+
+
+def write_onnx(ctx: ExportContext, path: Path, *, flavor: str, half: bool, simplify: bool) -> Path:
+    """Export the model to ONNX at ``path``: flavor "raw" (output0), "nms" (ONNX NonMaxSuppression) or
+    "tensorrt" (EfficientNMS_TRT node, only TensorRT can run it). Metadata goes into ``metadata_props``."""
+    import onnx
+
+    config = ctx.config
+    model: nn.Module = RawOutput(ctx.model_in(half))
+    if flavor != "raw":
+        model = NMSModel(model, config, "tensorrt" if flavor == "tensorrt" else "onnx")
+    example = ctx.example_input(ctx.export_shape, half=half)
+    trace_to_onnx(model, example, path, opset=config.opset, nms=flavor != "raw", dynamic=config.dynamic)
+    proto = onnx.load(str(path))
+    if simplify:
+        proto = _simplify_onnx(proto)
+    if flavor != "raw":
+        _set_detection_output_shapes(proto, config.topk_all)
+    metadata = ctx.metadata if flavor == "raw" else nms_metadata(ctx.metadata, config)
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    if flavor != "tensorrt":  # the checker does not know TRT:: plugin ops
+        onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return path
+
+
+def trace_to_onnx(module: nn.Module, example: Tensor, path: Path, *, opset: int, nms: bool, dynamic: bool) -> None:
+    """torch.onnx.export with our tensor names: input ``images``; output ``output0``, or the four NMS outputs.
+
+    ``dynamic`` frees the input's batch/height/width and the outputs' batch (and N of output0).
+    """
+    output_names = list(NMS_OUTPUT_NAMES) if nms else [RAW_OUTPUT_NAME]
+    dynamic_axes = None
+    if dynamic:
+        dynamic_axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}}
+        dynamic_axes.update({name: {0: "batch"} for name in output_names})
+        if not nms:
+            dynamic_axes[RAW_OUTPUT_NAME] = {0: "batch", 1: "anchors"}
+    module.eval()  # the exporter restores the module's mode afterwards, recursively: a wrapper must be eval too
+    with quiet_tracing(), torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=False,  # the torch.export-based exporter needs onnxscript and cannot map our NMS Functions
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
+        )
+
+
+def _simplify_onnx(proto: Any) -> Any:
+    """Constant folding and graph clean-up with onnxslim (--simplify)."""
+    try:
+        import onnxslim
+    except ImportError as e:
+        raise ExportError("--simplify needs onnxslim (pip install onnxslim)") from e
+    return onnxslim.slim(proto)
+
+
+def _set_detection_output_shapes(proto: Any, topk_all: int) -> None:
+    """Write the fixed detection count into the NMS outputs' declared shapes (tracing leaves it symbolic)."""
+    for output in proto.graph.output:
+        if output.name in NMS_OUTPUT_NAMES[1:]:
+            dims = output.type.tensor_type.shape.dim
+            if len(dims) >= 2:
+                dims[1].ClearField("dim_param")
+                dims[1].dim_value = topk_all
