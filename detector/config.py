@@ -19,13 +19,16 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from detector.errors import ConfigError
+from detector.errors import CheckpointError, ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+# The YAMLs ship inside the package (so a wheel installed anywhere finds them); a checkout's configs/ and data/ are
+# symlinks to these folders. A plain folder, not importlib.resources: pip always installs the package unzipped, and
+# these paths are globbed, resolved and shown to users.
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = PACKAGE_DIR / "configs"
 MODEL_CONFIG_DIR = CONFIG_DIR / "models"
 HYP_CONFIG_DIR = CONFIG_DIR / "hyps"
-DATA_CONFIG_DIR = REPO_ROOT / "data"
+DATA_CONFIG_DIR = CONFIG_DIR / "data"
 # What `python train.py` uses on the built-in dataset, under any --config, --hyp and flags (CPU-friendly recipe).
 BUILTIN_TRAIN_CONFIG = CONFIG_DIR / "builtin.yaml"
 
@@ -65,9 +68,24 @@ class Hyperparameters:
     mosaic: float = 1.0  # probability of a mosaic
     mosaic9: float = 0.0  # probability that a mosaic uses 9 images instead of 4
     mixup: float = 0.0  # probability of mixup (ratio drawn from beta(32, 32))
-    copy_paste: float = 0.0  # probability of segment copy-paste (needs polygon labels; boxes-only data ignore it)
+    copy_paste: float = 0.0  # probability of pasting another image's objects (by polygon, else by box)
     cutout: float = 0.0  # probability of cutout / random erasing of a few patches
     albumentations: float = 0.0  # probability of the albumentations pipeline (only when albumentations is installed)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Parameters of the learning-rate schedules (``--lr-schedule``; detector/engine/schedules.py)."""
+
+    onecycle_pct: float = 0.3  # onecycle: fraction of the iterations spent raising the rate (torch's pct_start)
+    onecycle_div: float = 25.0  # onecycle: the rate starts at lr0 / onecycle_div (torch's div_factor)
+    onecycle_min_momentum: float = 0.85  # onecycle: momentum (Adam beta1) at the peak rate; hyp.momentum at the ends
+    t0: float = 10.0  # cosine-restarts: epochs of the first cosine cycle (SGDR's T_0)
+    t_mult: int = 1  # cosine-restarts: each cycle is t_mult times longer than the one before (SGDR's T_mult)
+    plateau_factor: float = 0.1  # plateau: rate multiplier when the validation fitness stalls
+    plateau_patience: int = 5  # plateau: epochs without improvement before the rate is reduced
+    plateau_cooldown: int = 0  # plateau: epochs to wait after a reduction before counting again
+    plateau_threshold: float = 0.0001  # plateau: relative improvement of the fitness that counts as better
 
 
 @dataclass(frozen=True)
@@ -78,10 +96,10 @@ class TrainConfig:
     cfg: str = ""  # model YAML (name in configs/models or a path); "" = from --weights, else yolov5n.yaml
     data: str = ""  # dataset YAML; "" = the built-in synthetic dataset
     hyp: Hyperparameters = field(default_factory=Hyperparameters)  # from --hyp YAML
-    epochs: int | None = None  # None = 100, or the built-in dataset's CPU-friendly default
-    batch_size: int = 16  # total batch size over all GPUs
+    epochs: int = 100  # epochs to train (configs/builtin.yaml sets the built-in dataset's CPU-friendly number)
+    batch_size: int = 16  # total batch size over all GPUs; -1 = AutoBatch (CUDA: ~80% of the memory)
     nbs: int = 64  # nominal batch size: gradients accumulate to this many images per optimizer step (YOLOv5: 64)
-    imgsz: int | None = None  # train/val image size in pixels; None = 640, or the built-in dataset's default
+    imgsz: int = 640  # train/val image size in pixels (configs/builtin.yaml sets the built-in dataset's)
     rect: bool = False  # rectangular training batches (no mosaic)
     resume: str = ""  # "" = no; "auto" = most recent last.pt under --project; or a path to last.pt
     nosave: bool = False  # only save the final checkpoint
@@ -101,7 +119,9 @@ class TrainConfig:
     name: str = "exp"  # run folder name; exp, exp2, ... unless exist_ok
     exist_ok: bool = False  # reuse an existing run folder instead of incrementing
     quad: bool = False  # quad collate: 4 images become one at 2x size
-    cos_lr: bool = False  # cosine instead of linear learning-rate decay
+    cos_lr: bool = False  # alias of lr_schedule "cosine" (YOLOv5's --cos-lr)
+    lr_schedule: str = "linear"  # LR per iteration: linear, cosine, onecycle, cosine-restarts, plateau (or registered)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # parameters of the learning-rate schedules
     label_smoothing: float = 0.0  # label smoothing epsilon
     class_weights: bool = False  # weight the class loss by inverse class frequency
     patience: int = 100  # early stopping after this many epochs without improvement (0 = never)
@@ -362,3 +382,147 @@ def save_config(config: Any, path: str | Path) -> None:
     """Write a config as YAML (the resolved options of a run, saved in its folder)."""
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# train.py's options -> one TrainConfig: defaults <- built-in recipe <- --config <- --hyp <- flags, and --resume
+
+# Options that may differ from the saved run when resuming; anything else would silently change the experiment.
+SAFE_RESUME_KEYS = ("workers", "device", "batch_size", "epochs", "patience", "cache_dir")
+# Where to look for the run (bare --resume searches --project); the run itself stays in its own folder.
+RESUME_LOCATION_KEYS = ("project", "name", "exist_ok")
+
+
+def resolve_train_config(flags: Mapping[str, Any], source: str = "command line") -> TrainConfig:
+    """Every layer of train.py's options merged into one TrainConfig, in this order (later wins):
+
+    1. the dataclass defaults;
+    2. the built-in dataset's recipe (configs/builtin.yaml), only when training on the built-in dataset;
+    3. ``flags["config"]``: a TrainConfig YAML;
+    4. ``flags["hyp"]``: a hyp YAML name/path, a mapping or a Hyperparameters, into ``hyp``;
+    5. the other ``flags`` (TrainConfig keys, dotted keys such as ``schedule.t0`` for nested ones).
+
+    With ``resume`` set, the run's saved config replaces layers 1-2, only :data:`SAFE_RESUME_KEYS` may differ from
+    it, and a run that already finished its epochs is refused in one line saying how to extend it. ``cos_lr`` is
+    YOLOv5's alias of ``lr_schedule: cosine``. Nothing is read but YAML files and, for --resume, the checkpoint.
+    """
+    layers = _train_config_layers(flags, source)
+    config = build_config(TrainConfig, *layers)
+    if config.resume:
+        config = _resume_train_config(config, layers)
+    elif is_builtin_data(config.data):
+        config = build_config(TrainConfig, (str(BUILTIN_TRAIN_CONFIG), load_yaml(BUILTIN_TRAIN_CONFIG)), *layers)
+    if config.cos_lr and config.lr_schedule != "cosine":
+        if config.lr_schedule != "linear":
+            raise ConfigError(
+                f"--cos-lr is an alias of --lr-schedule cosine; it contradicts --lr-schedule {config.lr_schedule}"
+            )
+        config = dataclasses.replace(config, lr_schedule="cosine")
+    return config
+
+
+def is_builtin_data(data: str) -> bool:
+    """Whether ``--data`` names the built-in synthetic dataset ("" or "builtin")."""
+    return data in ("", "builtin")
+
+
+def _train_config_layers(flags: Mapping[str, Any], source: str) -> list[tuple[str, Mapping[str, Any]]]:
+    flags = dict(flags)
+    config_file = flags.pop("config", None)
+    hyp = flags.pop("hyp", None)
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if config_file:
+        layers.append((str(config_file), load_yaml(config_file)))
+    if isinstance(hyp, Hyperparameters):
+        layers.append((source, {"hyp": dataclasses.asdict(hyp)}))
+    elif isinstance(hyp, Mapping):
+        layers.append((source, {"hyp": hyp}))
+    elif hyp:
+        path = resolve_config_path(hyp, HYP_CONFIG_DIR)
+        layers.append((str(path), {"hyp": load_yaml(path)}))
+    layers.append((source, flags))
+    return layers
+
+
+def find_last_checkpoint(project: str | Path) -> Path:
+    """The most recently written last.pt under ``project`` (for a bare ``--resume``)."""
+    candidates = sorted(Path(project).glob("**/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise ConfigError(
+            f"--resume: no last.pt found under {project}; pass the checkpoint, e.g. --resume path/last.pt"
+        )
+    return candidates[-1]
+
+
+def resume_checkpoint_path(resume: str, project: str | Path) -> Path:
+    """``--resume`` value -> checkpoint path: "auto" = latest under ``project``; a run folder = its last.pt."""
+    if resume == "auto":
+        return find_last_checkpoint(project)
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "weights" / "last.pt" if (path / "weights").is_dir() else path / "last.pt"
+    if not path.is_file():
+        raise ConfigError(f"--resume {resume}: checkpoint not found")
+    return path
+
+
+def _resume_train_config(given: TrainConfig, layers: list[tuple[str, Mapping[str, Any]]]) -> TrainConfig:
+    from detector.utils.checkpoint import load_checkpoint  # lazy import: torch only when resuming
+
+    path = resume_checkpoint_path(given.resume, given.project)
+    checkpoint = load_checkpoint(path)
+    saved_dict = checkpoint.get("train_config")
+    if not isinstance(saved_dict, dict):
+        raise CheckpointError(f"{path}: holds no training state (train_config); use --weights {path} to fine-tune")
+    saved_dict = {k: v for k, v in saved_dict.items() if k != "resume"}
+    saved = build_config(TrainConfig, (str(path), saved_dict))
+    merged = build_config(TrainConfig, (str(path), saved_dict), *layers)
+    given_keys = {key.replace("-", "_").split(".")[0] for _, values in layers for key in values}
+    for key in sorted(given_keys - set(SAFE_RESUME_KEYS) - set(RESUME_LOCATION_KEYS) - {"resume"}):
+        if getattr(merged, key) != getattr(saved, key):
+            raise ConfigError(
+                f"--{key.replace('_', '-')} cannot change when resuming {path} (the run used {getattr(saved, key)!r}); "
+                f"only {', '.join('--' + k.replace('_', '-') for k in SAFE_RESUME_KEYS)} may be given"
+            )
+    done = int(checkpoint.get("epoch", -1)) + 1
+    if done >= merged.epochs:
+        raise ConfigError(
+            f"{path}: this run has finished ({done} of {merged.epochs} epochs); to train it longer pass more epochs, "
+            f"e.g. python train.py --resume {path} --epochs {done + merged.epochs}"
+        )
+    location = {key: getattr(saved, key) for key in RESUME_LOCATION_KEYS}
+    return dataclasses.replace(merged, resume=str(path), **location)
+
+
+_PROBABILITY_KEYS = ("flipud", "fliplr", "mosaic", "mosaic9", "mixup", "copy_paste", "cutout", "albumentations")
+
+
+def check_train_config(config: TrainConfig) -> None:
+    """One-line ConfigError for options that cannot work, before a run writes anything."""
+    positive = {"epochs": config.epochs, "nbs": config.nbs, "imgsz": config.imgsz}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"--{key}: expected a positive number, got {value}")
+    if config.batch_size < 1 and config.batch_size != -1:
+        raise ConfigError(
+            f"--batch-size: expected a positive number of images, or -1 for AutoBatch; got {config.batch_size}"
+        )
+    for key in ("workers", "patience"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"--{key}: expected 0 or more, got {getattr(config, key)}")
+    if any(index < 0 for index in config.freeze):
+        raise ConfigError(f"--freeze: expected layer counts or indices >= 0, got {list(config.freeze)}")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        raise ConfigError(f"--label-smoothing: expected a value in [0, 1), got {config.label_smoothing}")
+    if config.lr_schedule == "plateau" and config.noval:
+        raise ConfigError(
+            "--lr-schedule plateau reacts to the validation fitness of every epoch; it cannot run with --noval"
+        )
+    hyp = config.hyp
+    for key in _PROBABILITY_KEYS:
+        if not 0.0 <= getattr(hyp, key) <= 1.0:
+            raise ConfigError(f"hyp.{key}: a probability, expected a value in [0, 1], got {getattr(hyp, key)}")
+    if hyp.lr0 <= 0 or not 0.0 < hyp.lrf <= 1.0:
+        raise ConfigError(f"hyp.lr0 must be positive and hyp.lrf in (0, 1]; got lr0 {hyp.lr0}, lrf {hyp.lrf}")
+    if hyp.warmup_epochs < 0:
+        raise ConfigError(f"hyp.warmup_epochs: expected 0 or more, got {hyp.warmup_epochs}")

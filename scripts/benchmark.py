@@ -520,8 +520,8 @@ def _loss_setup(imgsz: int, batch_size: int = 16, num_targets: int = 120) -> Cal
     def step() -> None:
         for tensor in raw:
             tensor.grad = None
-        loss, _ = loss_fn(raw, targets)
-        loss.backward()
+        terms = loss_fn(raw, targets)
+        (sum(terms.values()) * batch_size).backward()  # what the trainer minimises
 
     return step
 
@@ -625,12 +625,11 @@ def _train_setup(imgsz: int, workers: int, amp: str = "off") -> Callable[[], dic
                          noautoanchor=True, noplots=True, project=scratch.name, amp=amp)  # fmt: skip
     trainer = Trainer(config, callbacks=())
     trainer.num_batches = _TRAIN_BATCHES  # train_one_epoch stops after this many batches
-    state = {"epoch": 0}
 
     def train_batches() -> dict[str, float]:
         _ = scratch  # keep the run folder alive while the benchmark runs
         before = dict(trainer.timings)
-        trainer.epoch = state["epoch"] = state["epoch"] + 1
+        trainer.state.epoch += 1
         started = time.perf_counter()
         trainer.train_one_epoch()
         seconds = time.perf_counter() - started
@@ -677,7 +676,7 @@ def _yolov5n_weights(scratch: Path) -> Path:
 def export_torchscript_onnx() -> Callable[[], Any]:
     """export.py --include torchscript onnx at 640: total wall time (load, write, checks) and each format's write."""
     from detector.config import ExportConfig
-    from detector.engine.exporter import Exporter
+    from detector.export import Exporter
 
     scratch = tempfile.TemporaryDirectory(prefix="bench-export-")
     weights = _yolov5n_weights(Path(scratch.name))
@@ -703,7 +702,7 @@ def _latency_setup(weights_format: str, imgsz: int) -> Callable[[], Any]:
 
     images = torch.rand(1, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0))
     if weights_format == "pytorch":
-        from detector.engine.exporter import prepare_model
+        from detector.export.exporter import prepare_model
         from detector.models.loading import load_model
 
         if not _EXPORT_SCRATCH:

@@ -2,7 +2,7 @@
 
 Values merge as defaults <- ``--config`` YAML <- ``--hyp`` YAML (into ``hyp``) <- flags typed here; with
 ``--resume`` the run's saved config replaces the defaults and only the flags in
-:data:`detector.engine.trainer.SAFE_RESUME_KEYS` may change.
+:data:`detector.config.SAFE_RESUME_KEYS` may change (see :func:`detector.config.resolve_train_config`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import get_args
 
 from detector.cli.common import given_flags, new_parser, run_cli
-from detector.config import BUILTIN_TRAIN_CONFIG, TrainConfig, load_yaml
+from detector.config import BUILTIN_TRAIN_CONFIG, TrainConfig, load_yaml, resolve_train_config
 from detector.utils.torch_utils import device_ids
 
 DESCRIPTION = """Train a detector on a dataset YAML (or the built-in dataset), YOLOv5's flags.
@@ -40,6 +40,10 @@ def _default(name: str) -> str:
     if name in BUILTIN_RECIPE:
         return f" (default: {shown}; on the built-in dataset {BUILTIN_RECIPE[name]!r}, from configs/builtin.yaml)"
     return f" (default: {shown})"
+
+
+def _schedule_default(name: str) -> str:
+    return f" (default: {getattr(DEFAULTS.schedule, name)!r}; more in configs/default.yaml's schedule)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,12 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         help="TrainConfig YAML with any of these options (see configs/default.yaml) (default: none)",
     )
-    add("--epochs", type=int, help="epochs to train (default: 100, or the built-in dataset's CPU-friendly number)")
+    add("--epochs", type=int, help="epochs to train" + _default("epochs"))
     add(
         "--batch-size",
         type=int,
         dest="batch_size",
-        help="total batch size over all DDP processes" + _default("batch_size"),
+        help="total batch size over all DDP processes; -1 = AutoBatch (CUDA: ~80%% of the GPU memory)"
+        + _default("batch_size"),
     )
     add(
         "--imgsz",
@@ -80,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--img-size",
         type=int,
         dest="imgsz",
-        help="train/val image size in pixels (default: 640, or the built-in dataset's)",
+        help="train/val image size in pixels" + _default("imgsz"),
     )
     add("--rect", action="store_true", help="rectangular training batches (no mosaic) (default: False)")
     add("--resume", nargs="?", const="auto", type=str, help="resume the latest run, or the given last.pt (default: no)")
@@ -135,7 +140,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="existing project/name ok, do not increment (default: False)",
     )
     add("--quad", action="store_true", help="quad dataloader (default: False)")
-    add("--cos-lr", action="store_true", dest="cos_lr", help="cosine learning-rate decay (default: False, linear)")
+    add("--cos-lr", action="store_true", dest="cos_lr", help="alias of --lr-schedule cosine (default: False)")
+    add(
+        "--lr-schedule",
+        dest="lr_schedule",
+        metavar="{linear,cosine,onecycle,cosine-restarts,plateau}",
+        help="learning rate per iteration: YOLOv5's linear or cosine decay to lrf, onecycle (Smith's 1cycle with "
+        "momentum cycling), cosine-restarts (SGDR), plateau (cut on a stalled validation fitness), or a schedule "
+        "registered in detector.engine.schedules" + _default("lr_schedule"),
+    )
+    add(
+        "--t0",
+        type=float,
+        dest="schedule.t0",
+        help="cosine-restarts: epochs of the first cycle (SGDR's T_0)" + _schedule_default("t0"),
+    )
+    add(
+        "--t-mult",
+        type=int,
+        dest="schedule.t_mult",
+        help="cosine-restarts: each cycle this many times longer than the last (T_mult)" + _schedule_default("t_mult"),
+    )
+    add(
+        "--onecycle-pct",
+        type=float,
+        dest="schedule.onecycle_pct",
+        help="onecycle: fraction of training spent raising the rate" + _schedule_default("onecycle_pct"),
+    )
+    add(
+        "--plateau-patience",
+        type=int,
+        dest="schedule.plateau_patience",
+        help="plateau: epochs without improvement before the rate is cut" + _schedule_default("plateau_patience"),
+    )
+    add(
+        "--plateau-factor",
+        type=float,
+        dest="schedule.plateau_factor",
+        help="plateau: rate multiplier at each cut" + _schedule_default("plateau_factor"),
+    )
+    add(
+        "--plateau-cooldown",
+        type=int,
+        dest="schedule.plateau_cooldown",
+        help="plateau: epochs of rest after a cut" + _schedule_default("plateau_cooldown"),
+    )
     add(
         "--label-smoothing",
         type=float,
@@ -202,9 +251,9 @@ def train_from_flags(argv: Sequence[str] | None = None) -> int:
         os.environ["LOCAL_RANK"] = str(local_rank)  # torch.distributed.launch passes it as a flag, torchrun as env
 
     from detector.engine import distributed  # lazy import: keep `train.py --help` fast
-    from detector.engine.trainer import Trainer, build_train_config
+    from detector.engine.trainer import Trainer
 
-    config = build_train_config(flags)
+    config = resolve_train_config(flags)
     devices = device_ids(config.device)
     if len(devices) > 1 and "WORLD_SIZE" not in os.environ:
         given = list(sys.argv[1:] if argv is None else argv)

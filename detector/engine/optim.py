@@ -1,27 +1,21 @@
-"""Optimiser, gradient accumulation and learning-rate schedules with YOLOv5's conventions.
+"""Optimiser and gradient accumulation with YOLOv5's conventions.
 
 - Three parameter groups, named in ``group["name"]``: ``bias`` (no weight decay), ``weight`` (decay) and
   ``norm`` (BatchNorm and other normalisation weights, no decay: decaying a scale only fights the next layer).
 - A nominal batch (TrainConfig ``nbs``, YOLOv5's 64): smaller batches accumulate gradients over
   ``accumulate_steps(batch_size, nbs)`` steps and the weight decay is rescaled by the effective batch, so one
   hyperparameter file fits every batch size. The nominal batch has no default here: the caller passes the config's.
-- Epoch schedules are multipliers of ``lr0`` (for ``torch.optim.lr_scheduler.LambdaLR``), registered by name in
-  :data:`LR_SCHEDULES`; :func:`warmup` overrides learning rate and momentum per iteration during the first
-  iterations.
+- Learning-rate schedules and warmup live in :mod:`detector.engine.schedules`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
-from detector.config import Hyperparameters
 from detector.errors import ConfigError
 
 LOGGER = logging.getLogger(__name__)
@@ -125,81 +119,3 @@ def accumulate_steps(batch_size: int, nominal_batch_size: int) -> int:
 def scaled_weight_decay(weight_decay: float, batch_size: int, accumulate: int, nominal_batch_size: int) -> float:
     """Weight decay for an effective batch of ``batch_size * accumulate`` (hyp files state it for the nominal batch)."""
     return weight_decay * batch_size * accumulate / nominal_batch_size
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Epoch schedules: functions of (epochs, lrf) returning the lr0 multiplier for an epoch, 1 at epoch 0 and lrf at the end
-
-
-def linear_schedule(epochs: int, lrf: float) -> LrLambda:
-    """Straight line from 1 at epoch 0 to ``lrf`` at ``epochs``."""
-    return lambda epoch: (1 - epoch / epochs) * (1.0 - lrf) + lrf
-
-
-def cosine_schedule(epochs: int, lrf: float) -> LrLambda:
-    """Half a cosine from 1 at epoch 0 to ``lrf`` at ``epochs`` (the one-cycle decay, https://arxiv.org/abs/1803.09820)."""
-    return lambda epoch: ((1 - math.cos(epoch * math.pi / epochs)) / 2) * (lrf - 1) + 1
-
-
-LR_SCHEDULES: dict[str, Callable[[int, float], LrLambda]] = {
-    "linear": linear_schedule,
-    "cosine": cosine_schedule,
-}
-
-
-def lr_lambda(epochs: int, lrf: float, cosine: bool = False, *, schedule: str | None = None) -> LrLambda:
-    """The lr0 multiplier per epoch: ``schedule`` by name from :data:`LR_SCHEDULES`, else cosine or linear."""
-    name = schedule or ("cosine" if cosine else "linear")
-    if name not in LR_SCHEDULES:
-        raise ConfigError(f"unknown learning-rate schedule {name!r}; expected one of {', '.join(LR_SCHEDULES)}")
-    if epochs < 1:
-        raise ConfigError(f"--epochs must be at least 1 for a learning-rate schedule, got {epochs}")
-    return LR_SCHEDULES[name](epochs, lrf)
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, epochs: int, lrf: float, cosine: bool = False, *, schedule: str | None = None
-) -> LambdaLR:
-    """LambdaLR with :func:`lr_lambda`; it also records each group's ``initial_lr`` that :func:`warmup` uses."""
-    return LambdaLR(optimizer, lr_lambda=lr_lambda(epochs, lrf, cosine, schedule=schedule))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Warmup
-
-
-def warmup_iterations(warmup_epochs: float, iterations_per_epoch: int, minimum: int = MIN_WARMUP_ITERATIONS) -> int:
-    """Warmup length: ``max(round(warmup_epochs * iterations_per_epoch), 100)``; 0 when ``warmup_epochs`` is 0
-    (YOLOv5 would still warm up for 100 iterations; an explicit 0 here means no warmup)."""
-    if warmup_epochs <= 0:
-        return 0
-    return max(round(warmup_epochs * iterations_per_epoch), minimum)
-
-
-def warmup(
-    optimizer: torch.optim.Optimizer,
-    iteration: int,
-    warmup_iterations: int,
-    epoch_lr_factor: float,
-    hyp: Hyperparameters,
-) -> None:
-    """Set each group's learning rate (and SGD momentum) for ``iteration`` < ``warmup_iterations``.
-
-    Linear from the start value at iteration 0 to the scheduled value at ``warmup_iterations``: the bias group from
-    ``hyp.warmup_bias_lr`` down (or up) to ``initial_lr * epoch_lr_factor``, the other groups from 0 up to it, and
-    momentum from ``hyp.warmup_momentum`` to ``hyp.momentum``. ``epoch_lr_factor`` is the schedule's multiplier
-    for the current epoch (``lr_lambda(...)(epoch)``). Adam's betas are left alone, as in YOLOv5.
-    """
-    points = [0, warmup_iterations]
-    for group in optimizer.param_groups:
-        start_lr = hyp.warmup_bias_lr if group.get("name") == "bias" else 0.0
-        target_lr = group.get("initial_lr", hyp.lr0) * epoch_lr_factor
-        group["lr"] = float(np.interp(iteration, points, [start_lr, target_lr]))
-        if "momentum" in group:
-            group["momentum"] = float(np.interp(iteration, points, [hyp.warmup_momentum, hyp.momentum]))
-
-
-def warmup_accumulate_steps(iteration: int, warmup_iterations: int, batch_size: int, nominal_batch_size: int) -> int:
-    """Gradient accumulation during warmup: from 1 at iteration 0 up to ``nominal / batch_size`` at the end."""
-    steps = np.interp(iteration, [0, warmup_iterations], [1, nominal_batch_size / batch_size])
-    return max(1, round(float(steps)))

@@ -45,6 +45,7 @@ from detector.errors import CheckpointError, ConfigError
 from detector.ops.boxes import clip_boxes, xywhn2xyxy, xyxy2xywhn
 from detector.ops.metrics import DetectionStats, Metrics, Speed, box_iou_numpy, confusion_matrix
 from detector.ops.nms import non_max_suppression
+from detector.utils.checks import check_threshold
 from detector.utils.torch_utils import time_sync
 
 LOGGER = logging.getLogger(__name__)
@@ -61,11 +62,10 @@ PLOTTED_MOSAICS = 3  # val_batch0..2_labels.jpg / _pred.jpg ...
 MOSAIC_IMAGES = 16  # ... of 16 images each, whatever the batch size
 STUDY_MIN_SIZE = 256  # --task study sweeps 256, 384, ... up to --imgsz
 STUDY_STEP = 128
-LOSS_NAMES = ("box", "obj", "cls")
 TABLE_HEADER = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 
 Batch = tuple[Tensor, Tensor, Sequence[str], Sequence[Any]]
-LossFunction = Callable[[list[Tensor], Tensor], tuple[Tensor, Tensor]]
+LossFunction = Callable[[list[Tensor], Tensor], dict[str, Tensor]]  # raw maps, targets -> named loss terms
 
 
 class Validator:
@@ -124,8 +124,9 @@ class Validator:
     def run(self, model: Any, dataloader: Any, loss_fn: LossFunction | None = None) -> Metrics:
         """Validate ``model`` on ``dataloader`` (batches of ``(uint8 images, targets, paths, shapes)``).
 
-        ``loss_fn(raw_maps, targets) -> (loss, items [box, obj, cls])`` adds the mean validation losses to
-        ``Metrics.loss``; it needs a DetectionModel (``forward_raw``). The model's train/eval mode is restored.
+        ``loss_fn(raw_maps, targets) -> {name: scalar term}`` (the trainer's loss) adds the mean of each term over
+        the batches to ``Metrics.loss``, keyed by the term names; it needs a DetectionModel (``forward_raw``). The
+        model's train/eval mode is restored.
         """
         if loss_fn is not None and not hasattr(model, "forward_raw"):
             raise ValueError("loss_fn needs an in-memory DetectionModel (with forward_raw), not an exported backend")
@@ -139,7 +140,7 @@ class Validator:
             self._crowds = self._read_crowds(dataloader)
         self.coco_results = []
         self.confusion[:] = 0
-        loss_sum = torch.zeros(len(LOSS_NAMES), device=device)
+        loss_sums: dict[str, Tensor] = {}
         seconds = np.zeros(4)  # pre-process, inference, NMS, metrics
         num_images = largest_batch = 0
         batches = tqdm(dataloader, desc=_format_row(TABLE_HEADER), disable=not self.progress, leave=False)
@@ -149,9 +150,9 @@ class Validator:
                 inputs = images.to(device, non_blocking=True).float().div_(255)
                 targets = targets.to(device)
                 preprocessed = time_sync(device)
-                predictions, loss_items = self._forward(model, inputs, targets, loss_fn)
-                if loss_items is not None:
-                    loss_sum += loss_items.to(device)
+                predictions, loss_terms = self._forward(model, inputs, targets, loss_fn)
+                for name, term in loss_terms.items():
+                    loss_sums[name] = loss_sums.get(name, 0.0) + term.detach().float()
                 inferred = time_sync(device)
                 detections = self._detections(model, predictions)
                 suppressed = time_sync(device)
@@ -170,8 +171,8 @@ class Validator:
         metrics = stats.compute(self.names)
         seconds[3] += time.perf_counter() - metrics_start
         speed = Speed(*(1000 * seconds / max(num_images, 1)))
-        losses = (loss_sum.cpu() / max(len(dataloader), 1)).tolist() if loss_fn is not None else []
-        metrics = metrics.replace(speed=speed, loss=dict(zip(LOSS_NAMES, losses, strict=False)))
+        losses = {name: float(total) / max(len(dataloader), 1) for name, total in loss_sums.items()}
+        metrics = metrics.replace(speed=speed, loss=losses)
         self._report(metrics, largest_batch)
         if self.plots:
             self._plot_results(metrics)
@@ -179,17 +180,17 @@ class Validator:
 
     def _forward(
         self, model: Any, inputs: Tensor, targets: Tensor, loss_fn: LossFunction | None
-    ) -> tuple[Tensor, Tensor | None]:
-        """Decoded predictions (B, N, 5 + nc) (or end2end detections) and the loss items when asked."""
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Decoded predictions (B, N, 5 + nc) (or end2end detections) and the loss terms when asked (else {})."""
         if not isinstance(model, nn.Module):
-            return _call_backend(model, inputs, self.config.augment), None
+            return _call_backend(model, inputs, self.config.augment), {}
         use_autocast = self.config.half and inputs.device.type == "cuda"
         with torch.inference_mode(), torch.autocast("cuda", enabled=use_autocast):
             if loss_fn is not None:
                 raw = model.forward_raw(inputs)
-                loss_items = loss_fn([r.float() for r in raw], targets)[1]
-                return model.detect.decode(raw).float(), loss_items
-            return model(inputs, augment=self.config.augment).float(), None
+                loss_terms = loss_fn([r.float() for r in raw], targets)
+                return model.detect.decode(raw).float(), loss_terms
+            return model(inputs, augment=self.config.augment).float(), {}
 
     def _detections(self, model: Any, predictions: Tensor) -> list[Tensor]:
         config = self.config
@@ -361,9 +362,7 @@ class Validator:
 
 def _check_thresholds(config: ValConfig) -> None:
     for key in ("conf_thres", "iou_thres"):
-        value = getattr(config, key)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"--{key.replace('_', '-')} must be between 0 and 1, got {value}")
+        check_threshold(f"--{key.replace('_', '-')}", getattr(config, key))
     if config.max_det < 1:
         raise ConfigError(f"--max-det must be at least 1, got {config.max_det}")
 
@@ -592,6 +591,7 @@ def _validate(config: ValConfig, setup: _Setup, save_dir: Path, plots: bool) -> 
         workers=config.workers,
         single_cls=config.single_cls,
         rect=rect,
+        cache_dir=config.cache_dir,
     )
     backend.warmup((imgsz, imgsz))
     validator = Validator(
@@ -620,8 +620,12 @@ def create_val_dataloader(
     workers: int = 8,
     single_cls: bool = False,
     rect: bool = True,
+    cache_dir: str | None = None,
 ) -> tuple[Any, Any]:
     """The validation (loader, dataset) of a DatasetConfig split; the trainer uses it too.
+
+    ``cache_dir`` (``--cache-dir``; None or "" = automatic) is where the label scan cache goes; see
+    :func:`detector.data.scan.label_cache_path`.
 
     Rectangular letterboxing follows YOLOv5's rule with one change that makes results independent of
     ``batch_size``: images are sorted by aspect ratio (height / width) and each group of ``RECT_SHAPE_GROUP``
@@ -652,6 +656,7 @@ def create_val_dataloader(
         num_classes=len(data.names),
         single_cls=single_cls,
         label_dir=data.root / data.labels if data.labels else None,
+        cache_dir=cache_dir,
         workers=workers,
         prefix=f"{split}: ",
     )

@@ -13,8 +13,12 @@ For every ground-truth box and every output level the loss
 
 Level losses are weighted by a per-level balance (more weight on the fine, many-cell P3 level), multiplied by
 the ``box``/``obj``/``cls`` gains of :class:`~detector.config.Hyperparameters` (scale them once with
-:func:`scale_loss_gains`), and the sum is multiplied by the batch size as YOLOv5 does, so learning rates and
-hyperparameter files carry over unchanged.
+:func:`scale_loss_gains`) and returned as named terms. The trainer minimises their sum multiplied by the batch
+size, as YOLOv5 does, so learning rates and hyperparameter files carry over unchanged.
+
+A loss for the trainer is any callable ``(raw_maps, targets) -> dict[str, Tensor]`` of scalar terms; a new term
+(distillation, sparsity) is one more key, and the progress bar, results.csv, TensorBoard and results.png show it
+as ``<key>_loss`` with no other change.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from detector.config import Hyperparameters
+from detector.models.yolo import detect_head
 from detector.ops.boxes import bbox_ciou
 
 # Objectness weight of each level, fine to coarse: P3 has 16x the cells of P5, and gets more weight so small
@@ -184,16 +189,6 @@ def gather_objectness_and_rows(raw: Tensor, cells: Tensor) -> tuple[Tensor, Tens
     return values[:num_cells].view(raw.shape[:4]), values[num_cells:].view(-1, outputs)
 
 
-def detect_head(model: nn.Module) -> nn.Module:
-    """The Detect head of a model: unwraps DDP/DataParallel, then ``model.detect``, or ``model`` itself."""
-    model = getattr(model, "module", model)
-    head = getattr(model, "detect", model)
-    missing = [name for name in ("nl", "na", "nc", "anchors", "stride") if not hasattr(head, name)]
-    if missing:
-        raise TypeError(f"{type(model).__name__} has no Detect head: missing {', '.join(missing)}")
-    return head
-
-
 class DetectionLoss:
     """YOLOv5's training loss for a model with a Detect head.
 
@@ -238,10 +233,12 @@ class DetectionLoss:
             self.class_loss = FocalLoss(self.class_loss, hyp.fl_gamma)
             self.object_loss = FocalLoss(self.object_loss, hyp.fl_gamma)
 
-    def __call__(self, raw_maps: list[Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, raw_maps: list[Tensor], targets: Tensor) -> dict[str, Tensor]:
         """raw_maps: nl tensors (B, na, H_i, W_i, 5 + nc) of raw logits; targets: (N, 6) [image, class, xywhn].
 
-        Returns (loss, items): loss a scalar = (box + obj + cls) * B, items detached float (3,) [box, obj, cls].
+        Returns the named terms ``{"box", "obj", "cls"}``, scalar tensors with gradients (gains applied). The
+        trainer minimises their sum times the batch size (YOLOv5's scale, see the module docstring); logs and
+        results.csv show the terms themselves, as ``box_loss``, ``obj_loss`` and ``cls_loss``.
         """
         self._check_inputs(raw_maps, targets)
         device = raw_maps[0].device
@@ -261,12 +258,7 @@ class DetectionLoss:
                 class_loss = class_loss + level_class
             object_loss = object_loss + self.object_loss(objectness, object_target) * self.balance[level]
 
-        box_loss = box_loss * self.hyp.box
-        object_loss = object_loss * self.hyp.obj
-        class_loss = class_loss * self.hyp.cls
-        batch_size = raw_maps[0].shape[0]
-        total = (box_loss + object_loss + class_loss) * batch_size
-        return total, torch.stack((box_loss, object_loss, class_loss)).detach()
+        return {"box": box_loss * self.hyp.box, "obj": object_loss * self.hyp.obj, "cls": class_loss * self.hyp.cls}
 
     def _positive_losses(
         self, predictions: Tensor, assigned: LevelTargets, cells: Tensor, object_target: Tensor

@@ -17,13 +17,9 @@ import torchvision
 from torch import Tensor
 
 from detector.ops.boxes import xywh2xyxy
+from detector.utils.checks import check_threshold
 
 NMS_CALL_ROWS = 256  # rows per torchvision NMS call when packing small (image, class) groups; 64-1024 all do well
-
-
-def _check_threshold(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
 def non_max_suppression(
@@ -53,8 +49,8 @@ def non_max_suppression(
         B tensors of shape (n_i, 6) ``[x1, y1, x2, y2, conf, class]`` (xyxy pixels, class as float), sorted by
         descending confidence, on ``pred``'s device and dtype.
     """
-    _check_threshold("conf_thres", conf_thres)
-    _check_threshold("iou_thres", iou_thres)
+    check_threshold("conf_thres", conf_thres)
+    check_threshold("iou_thres", iou_thres)
     if pred.ndim != 3 or pred.shape[-1] < 6:
         raise ValueError(f"pred must be (B, N, 5 + nc) with nc >= 1, got shape {tuple(pred.shape)}")
     if max_det < 1 or max_nms < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import sys
 from pathlib import Path
@@ -34,11 +35,26 @@ def setup_logging(verbose: bool = True) -> logging.Logger:
     return logger
 
 
-def add_file_log(run_dir: str | Path, filename: str = "log.txt") -> logging.Handler:
-    """Also write everything logged under ``detector`` to ``run_dir/filename``; returns the handler to remove."""
+def start_log_buffer() -> logging.handlers.MemoryHandler:
+    """Keep everything logged under ``detector`` in memory until :func:`add_file_log` writes it to the run folder
+    (a run checks its options and data before it makes its folder, and its log.txt still begins at the start)."""
+    handler = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1, target=None)
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger(LOGGER_NAME).addHandler(handler)
+    return handler
+
+
+def add_file_log(
+    run_dir: str | Path, filename: str = "log.txt", buffer: logging.handlers.MemoryHandler | None = None
+) -> logging.Handler:
+    """Also write everything logged under ``detector`` to ``run_dir/filename``, starting with what ``buffer`` held
+    (which is then removed); returns the handler to remove."""
     handler = logging.FileHandler(Path(run_dir) / filename, encoding="utf-8")
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     handler.setLevel(logging.DEBUG)
+    if buffer is not None:
+        buffer.setTarget(handler)
+        remove_file_log(buffer)  # close() flushes the held records into the file first
     logging.getLogger(LOGGER_NAME).addHandler(handler)
     return handler
 

@@ -8,16 +8,20 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from detector.config import MODEL_CONFIG_DIR, REPO_ROOT, TrainConfig, load_hyp
+from detector.config import MODEL_CONFIG_DIR, TrainConfig, load_hyp
 from detector.data.builtin import ensure_builtin_dataset
-from detector.engine.callbacks import Callbacks, read_results
+from detector.engine.callbacks import Callbacks
+from detector.engine.loggers import read_results
 from detector.engine.trainer import Trainer, TrainingDivergedError
 from detector.utils.checkpoint import load_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, where train.py is
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +65,7 @@ def tiny_config(tiny, tmp_path, **changes) -> TrainConfig:
 
 def epoch_losses(callbacks: Callbacks) -> list[float]:
     losses: list[float] = []
-    callbacks.register("on_epoch_end", lambda trainer: losses.append(sum(trainer.epoch_record.train_losses)))
+    callbacks.register("on_epoch_end", lambda trainer: losses.append(sum(trainer.epoch_record.train_losses.values())))
     return losses
 
 
@@ -84,7 +88,8 @@ def test_nominal_batch_size_sets_accumulation_and_weight_decay(tiny, tmp_path, n
     trainer.fit()
     accumulate = max(round(nbs / 4), 1)
     assert trainer.accumulate == accumulate
-    assert max(trainer.group_weight_decays) == pytest.approx(config.hyp.weight_decay * 4 * accumulate / nbs)
+    weight_decays = [group["weight_decay"] for group in trainer.optimizer.param_groups]
+    assert max(weight_decays) == pytest.approx(config.hyp.weight_decay * 4 * accumulate / nbs)
     steps = {int(state["step"]) for state in trainer.optimizer.state.values()}
     assert steps == {optimizer_steps}
 
@@ -108,11 +113,11 @@ class NonFiniteAt:
         self.loss_fn, self.calls, self.count = loss_fn, set(calls), 0
 
     def __call__(self, raw, targets):
-        loss, items = self.loss_fn(raw, targets)
+        terms = dict(self.loss_fn(raw, targets))
         self.count += 1
         if self.count - 1 in self.calls:
-            loss = loss * float("nan")
-        return loss, items
+            terms["obj"] = terms["obj"] * float("nan")
+        return terms
 
 
 def test_nonfinite_loss_is_skipped_then_recovered_from(tiny, tmp_path, caplog):
@@ -129,9 +134,9 @@ def test_nonfinite_loss_is_skipped_then_recovered_from(tiny, tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert sum("step skipped" in m for m in messages) == 4
     assert sum("restored the weights of the last epoch end" in m for m in messages) == 1
-    assert trainer.lr_factor == pytest.approx(0.1)
+    assert trainer.state.lr_factor == pytest.approx(0.1)
     assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values() if v.is_floating_point())
-    assert load_checkpoint(trainer.last_path)["lr_factor"] == pytest.approx(0.1)  # a resumed run keeps it
+    assert load_checkpoint(trainer.checkpointer.last)["lr_factor"] == pytest.approx(0.1)  # a resumed run keeps it
 
 
 def test_persistent_nonfinite_loss_stops_with_a_clear_error(tiny, tmp_path):
@@ -139,7 +144,7 @@ def test_persistent_nonfinite_loss_stops_with_a_clear_error(tiny, tmp_path):
     trainer.loss_fn = NonFiniteAt(trainer.loss_fn, calls=range(2, 100))
     with pytest.raises(TrainingDivergedError, match=r"non-finite .* even after restoring"):
         trainer.fit()
-    assert trainer.lr_factor == pytest.approx(0.1)  # the recovery was tried once
+    assert trainer.state.lr_factor == pytest.approx(0.1)  # the recovery was tried once
 
 
 def test_same_seed_gives_identical_weights_and_multi_scale_bf16_run(tiny, tmp_path):

@@ -7,17 +7,19 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from detector.config import MODEL_CONFIG_DIR, REPO_ROOT
+from detector.config import MODEL_CONFIG_DIR
 from detector.data.builtin import ensure_builtin_dataset
-from detector.engine.callbacks import read_results
+from detector.engine.loggers import read_results
 from detector.utils.checkpoint import load_checkpoint
 
 # One torch thread per process: the tiny model gains nothing from two, and they crawl on a shared 2-core machine.
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, where train.py is
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -85,7 +87,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tiny):
         [sys.executable, "train.py", "--resume", str(last)], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
-    assert finished.returncode == 2 and "pass --epochs larger than 4" in finished.stderr
+    assert finished.returncode == 2 and "this run has finished (4 of 4 epochs)" in finished.stderr
+    assert f"python train.py --resume {last} --epochs 8" in finished.stderr  # how to extend it
+    assert finished.stderr.count("\n") == 1 and "WARNING" not in finished.stdout  # one line, nothing before it
     run([sys.executable, "train.py", "--resume", str(last), "--epochs", "5"])
     assert load_checkpoint(last)["epoch"] == 4
     assert len(read_results(root / "runs" / "killed" / "results.csv")) == 5

@@ -192,7 +192,8 @@ def test_trainer_path_gives_val_py_figures_and_losses(
     items = []
     with torch.no_grad():
         for images, targets, _, _ in loader:
-            items.append(loss_fn(yolov5n_model.forward_raw(images.float() / 255), targets)[1])
+            terms = loss_fn(yolov5n_model.forward_raw(images.float() / 255), targets)
+            items.append(torch.stack([terms[k] for k in ("box", "obj", "cls")]))
     expected = torch.stack(items).mean(0).tolist()
     assert [in_memory.loss[k] for k in ("box", "obj", "cls")] == pytest.approx(expected, rel=1e-4)
 

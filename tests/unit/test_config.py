@@ -109,10 +109,11 @@ def test_literal_fields_list_their_options() -> None:
 
 
 def test_optional_fields_take_none_and_values() -> None:
-    assert build_config(TrainConfig, ("x", {"epochs": None})).epochs is None
-    assert build_config(TrainConfig, ("x", {"epochs": "null"})).epochs is None
-    assert build_config(TrainConfig, ("x", {"epochs": "12"})).epochs == 12
     assert build_config(DetectConfig, ("x", {"classes": "none"})).classes is None
+    assert build_config(DetectConfig, ("x", {"classes": "1 2"})).classes == (1, 2)
+    assert build_config(TrainConfig, ("x", {"epochs": "12"})).epochs == 12
+    with pytest.raises(ConfigError, match=r"key 'epochs' expects an integer"):
+        build_config(TrainConfig, ("x", {"epochs": None}))  # a real default, not a None filled in elsewhere
     with pytest.raises(ConfigError, match=r"key 'epochs' expects an integer"):
         build_config(TrainConfig, ("x", {"epochs": "many"}))
     with pytest.raises(ConfigError, match=r"key 'data' expects a string"):
@@ -222,7 +223,7 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
 
 
 def test_readme_starts_with_the_two_fresh_machine_commands() -> None:
-    readme = (CONFIG_DIR.parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     first_block = readme.split("```")[1]
     assert first_block.splitlines()[1:] == [
         'pip install -e ".[dev]" && python train.py',

@@ -1,4 +1,4 @@
-"""Callback events, results.csv/png, training-batch drawing and TensorBoard scalars."""
+"""Callback events, loss-term columns, results.csv/png (what it draws), training-batch drawing, TensorBoard."""
 
 from __future__ import annotations
 
@@ -10,17 +10,34 @@ import numpy as np
 import pytest
 import torch
 
-from detector.engine.callbacks import (
-    EVENTS,
-    RESULT_COLUMNS,
-    Callback,
-    Callbacks,
+from detector.engine.callbacks import EVENTS, Callback, Callbacks, EpochRecord, result_columns
+from detector.engine.loggers import (
     CSVLogger,
-    EpochRecord,
     TrainingBatchPlotter,
     plot_results,
     read_results,
+    results_panels,
     targets_to_detections,
+)
+from detector.engine.state import TrainState
+from detector.utils.plots import results_figure
+
+# YOLOv5's results.csv header, verbatim (utils/loggers/__init__.py keys), the contract for tools that read it.
+YOLOV5_COLUMNS = (
+    "epoch",
+    "train/box_loss",
+    "train/obj_loss",
+    "train/cls_loss",
+    "metrics/precision",
+    "metrics/recall",
+    "metrics/mAP_0.5",
+    "metrics/mAP_0.5:0.95",
+    "val/box_loss",
+    "val/obj_loss",
+    "val/cls_loss",
+    "x/lr0",
+    "x/lr1",
+    "x/lr2",
 )
 
 
@@ -28,22 +45,21 @@ def fake_trainer(save_dir: Path, start_epoch: int = 0) -> SimpleNamespace:
     return SimpleNamespace(
         save_dir=save_dir,
         is_main=True,
-        start_epoch=start_epoch,
-        epoch=start_epoch,
+        state=TrainState(epochs=10, start_epoch=start_epoch, epoch=start_epoch),
         epoch_record=None,
         config=SimpleNamespace(noplots=False),
     )
 
 
-def record(epoch: int) -> EpochRecord:
+def record(epoch: int, **extra_terms: float) -> EpochRecord:
     return EpochRecord(
         epoch=epoch,
-        train_losses=(0.1 / (epoch + 1), 0.2, 0.3),
+        train_losses={"box": 0.1 / (epoch + 1), "obj": 0.2, "cls": 0.3, **extra_terms},
         precision=0.5,
         recall=0.4,
         map50=0.3 + 0.01 * epoch,
         map=0.2,
-        val_losses=(0.01, 0.02, 0.03),
+        val_losses={"box": 0.01, "obj": 0.02, "cls": 0.03},
         learning_rates=(0.01, 0.02, 0.03),
     )
 
@@ -83,8 +99,25 @@ def test_extend_appends_hooks_after_existing_ones():
 
 def test_epoch_record_row_has_yolov5_columns():
     row = record(2).as_row()
-    assert tuple(row) == RESULT_COLUMNS
+    assert tuple(row) == YOLOV5_COLUMNS == result_columns(("box", "obj", "cls"))
     assert row["epoch"] == 2 and row["metrics/mAP_0.5"] == pytest.approx(0.32) and row["x/lr2"] == 0.03
+
+
+def test_a_new_loss_term_gets_its_columns_and_a_rewritten_header(tmp_path):
+    trainer = fake_trainer(tmp_path)
+    logger = CSVLogger()
+    logger.on_fit_start(trainer)
+    trainer.epoch_record = record(0)
+    logger.on_epoch_end(trainer)
+    trainer.epoch_record = record(1, distill=0.7)  # a term that appears from epoch 1 on
+    logger.on_epoch_end(trainer)
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert header == ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "train/distill_loss",
+                      *YOLOV5_COLUMNS[4:8], "val/box_loss", "val/obj_loss", "val/cls_loss", "val/distill_loss",
+                      "x/lr0", "x/lr1", "x/lr2"]  # fmt: skip
+    rows = read_results(tmp_path / "results.csv")
+    assert "train/distill_loss" not in rows[0] and rows[1]["train/distill_loss"] == pytest.approx(0.7)
+    assert rows[1]["val/distill_loss"] == 0.0  # validation did not compute it: 0, as YOLOv5 writes absent values
 
 
 def test_csv_logger_appends_and_truncates_rerun_epochs_on_resume(tmp_path):
@@ -113,18 +146,29 @@ def test_read_results_accepts_yolov5_padded_headers(tmp_path):
     assert read_results(path) == [{"epoch": 0, "train/box_loss": 0.1}]
 
 
-def test_plot_results_writes_a_png(tmp_path):
+def test_plot_results_draws_each_column_against_the_epoch(tmp_path):
     trainer = fake_trainer(tmp_path)
     logger = CSVLogger()
     logger.on_fit_start(trainer)
     for epoch in range(6):
-        trainer.epoch_record = record(epoch)
+        trainer.epoch_record = record(epoch, distill=0.5 - 0.05 * epoch)
         logger.on_epoch_end(trainer)
     png = plot_results(tmp_path / "results.csv")
-    image = cv2.imread(str(png))
     assert png.name == "results.png"
-    assert image.shape == (1200, 2400, 3)  # 12x6 inches at 200 dpi
-    assert image.std() > 10  # curves and text, not a blank canvas
+    assert cv2.imread(str(png)).shape == (1200, 2880, 3)  # 6 panels x 2.4 by 6 inches at 200 dpi
+
+    rows = read_results(tmp_path / "results.csv")
+    figure = results_figure(rows, results_panels(tuple(rows[0])))
+    drawn = {ax.get_title(): ax.lines[0] for ax in figure.axes}
+    assert list(drawn)[:6] == ["train/box_loss", "train/obj_loss", "train/cls_loss", "train/distill_loss",
+                               "metrics/precision", "metrics/recall"]  # fmt: skip
+    assert list(drawn)[6:] == ["val/box_loss", "val/obj_loss", "val/cls_loss", "val/distill_loss",
+                               "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]  # fmt: skip
+    for title, line in drawn.items():  # every panel draws exactly the CSV column against the epoch
+        np.testing.assert_allclose(line.get_xdata(), range(6))
+        np.testing.assert_allclose(line.get_ydata(), [row[title] for row in rows], rtol=1e-5)
+    np.testing.assert_allclose(drawn["train/box_loss"].get_ydata(), [0.1 / (e + 1) for e in range(6)], rtol=1e-5)
+    np.testing.assert_allclose(drawn["train/distill_loss"].get_ydata(), [0.5 - 0.05 * e for e in range(6)], rtol=1e-5)
 
 
 def test_targets_to_detections_converts_to_pixel_boxes_per_image():
@@ -156,7 +200,7 @@ def test_training_batch_plotter_draws_label_boxes(tmp_path):
 
 def test_tensorboard_logger_writes_scalars(tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    from detector.engine.callbacks import TensorBoardLogger
+    from detector.engine.loggers import TensorBoardLogger
 
     trainer = fake_trainer(tmp_path)
     logger = TensorBoardLogger()

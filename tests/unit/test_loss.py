@@ -154,6 +154,14 @@ def exact_predictions(head: StandInHead, maps: list[torch.Tensor], targets: torc
 TARGETS = torch.tensor([[0.0, 1.0, 0.40, 0.55, 0.20, 0.30], [1.0, 2.0, 0.70, 0.30, 0.10, 0.08]])
 
 
+def yolov5_loss(loss_fn, maps, targets):
+    """(total, items) as YOLOv5's ComputeLoss returns them: the terms' sum times the batch size (what the trainer
+    minimises), and the detached [box, obj, cls] terms."""
+    terms = loss_fn(maps, targets)
+    assert list(terms) == ["box", "obj", "cls"]  # the named terms, in YOLOv5's column order
+    return sum(terms.values()) * maps[0].shape[0], torch.stack([terms[k] for k in ("box", "obj", "cls")]).detach()
+
+
 def levels_with_targets(head: StandInHead, targets: torch.Tensor, imgsz: int) -> int:
     return sum(
         bool(len(assign_targets(targets, a, (imgsz // int(s),) * 2).image))
@@ -165,7 +173,7 @@ def test_exact_predictions_have_no_box_loss_and_total_is_sum_times_batch():
     head = StandInHead(nc=3)
     loss_fn = DetectionLoss(head, Hyperparameters())
     maps = exact_predictions(head, raw_maps(head, 2, 64, fill=-10.0), TARGETS)
-    loss, items = loss_fn(maps, TARGETS)
+    loss, items = yolov5_loss(loss_fn, maps, TARGETS)
     assert items[0].item() == pytest.approx(0.0, abs=1e-5)
     assert items[2].item() < 1e-3
     assert loss.item() == pytest.approx(items.sum().item() * 2, rel=1e-6)
@@ -179,7 +187,7 @@ def test_loss_decreases_as_predictions_move_toward_targets():
     losses = []
     for step in (0.0, 0.5, 1.0):
         maps = [(1 - step) * a.detach() + step * b.detach() for a, b in zip(start, exact, strict=True)]
-        losses.append(loss_fn(maps, TARGETS)[1])
+        losses.append(yolov5_loss(loss_fn, maps, TARGETS)[1])
     for component in range(3):
         assert losses[0][component] > losses[1][component] > losses[2][component]
 
@@ -192,7 +200,7 @@ def test_gradient_steps_reduce_the_loss():
     first = None
     for _ in range(20):
         optimizer.zero_grad()
-        loss, _ = loss_fn(maps, TARGETS)
+        loss, _ = yolov5_loss(loss_fn, maps, TARGETS)
         loss.backward()
         optimizer.step()
         first = loss.item() if first is None else first
@@ -202,7 +210,7 @@ def test_gradient_steps_reduce_the_loss():
 def test_empty_targets_give_zero_box_and_class_loss_and_finite_objectness():
     head = StandInHead(nc=3)
     maps = raw_maps(head, 2, 64)
-    loss, items = DetectionLoss(head, Hyperparameters())(maps, torch.zeros(0, 6))
+    loss, items = yolov5_loss(DetectionLoss(head, Hyperparameters()), maps, torch.zeros(0, 6))
     assert items[0].item() == 0.0 and items[2].item() == 0.0
     # All cells predict logit 0 against target 0: BCE log(2) per cell, times the level balance sum and gain.
     assert items[1].item() == pytest.approx(math.log(2) * (4.0 + 1.0 + 0.4), rel=1e-5)
@@ -212,8 +220,10 @@ def test_empty_targets_give_zero_box_and_class_loss_and_finite_objectness():
 
 def test_single_class_model_has_no_class_loss():
     head = StandInHead(nc=1)
-    _, items = DetectionLoss(head, Hyperparameters())(
-        raw_maps(head, 2, 64), TARGETS[:, :].clone().index_fill_(1, torch.tensor([1]), 0.0)
+    _, items = yolov5_loss(
+        DetectionLoss(head, Hyperparameters()),
+        raw_maps(head, 2, 64),
+        TARGETS[:, :].clone().index_fill_(1, torch.tensor([1]), 0.0),
     )
     assert items[2].item() == 0.0 and items[0].item() > 0
 
@@ -224,9 +234,9 @@ def test_duplicate_targets_on_one_cell_keep_the_highest_iou():
     good = torch.tensor([[0.0, 1.0, 0.40, 0.55, 0.20, 0.30]])
     worse = torch.tensor([[0.0, 1.0, 0.40, 0.55, 0.26, 0.36]])  # same centre and cells, lower IoU
     maps = exact_predictions(head, raw_maps(head, 1, 64, fill=-10.0), good)
-    only_good = loss_fn(maps, good)[1][1]
+    only_good = yolov5_loss(loss_fn, maps, good)[1][1]
     for both in (torch.cat((good, worse)), torch.cat((worse, good))):
-        assert loss_fn(maps, both)[1][1].item() == pytest.approx(only_good.item(), rel=1e-6)
+        assert yolov5_loss(loss_fn, maps, both)[1][1].item() == pytest.approx(only_good.item(), rel=1e-6)
 
 
 def test_focal_loss_matches_torchvision_and_lowers_the_loss():
@@ -237,8 +247,8 @@ def test_focal_loss_matches_torchvision_and_lowers_the_loss():
 
     head = StandInHead(nc=3)
     maps = raw_maps(head, 2, 64)
-    _, plain = DetectionLoss(head, Hyperparameters())(maps, TARGETS)
-    _, focal = DetectionLoss(head, Hyperparameters(fl_gamma=1.5))(maps, TARGETS)
+    _, plain = yolov5_loss(DetectionLoss(head, Hyperparameters()), maps, TARGETS)
+    _, focal = yolov5_loss(DetectionLoss(head, Hyperparameters(fl_gamma=1.5)), maps, TARGETS)
     assert focal[0] == plain[0]  # the box loss is not a BCE
     assert focal[1] < plain[1] and focal[2] < plain[2]
 
@@ -247,8 +257,8 @@ def test_label_smoothing_raises_the_loss_of_confident_correct_classes():
     assert smooth_bce_targets(0.1) == (0.95, 0.05)
     head = StandInHead(nc=3)
     maps = exact_predictions(head, raw_maps(head, 2, 64, fill=-10.0), TARGETS)
-    _, plain = DetectionLoss(head, Hyperparameters())(maps, TARGETS)
-    _, smoothed = DetectionLoss(head, Hyperparameters(), label_smoothing=0.1)(maps, TARGETS)
+    _, plain = yolov5_loss(DetectionLoss(head, Hyperparameters()), maps, TARGETS)
+    _, smoothed = yolov5_loss(DetectionLoss(head, Hyperparameters(), label_smoothing=0.1), maps, TARGETS)
     # Each class logit is +-10: BCE against 0.95/0.05 is 0.05 * 10 + softplus(-10) per element, summed over levels.
     per_element = 0.05 * 10 + math.log1p(math.exp(-10))
     assert smoothed[2].item() == pytest.approx(0.5 * per_element * levels_with_targets(head, TARGETS, 64), rel=1e-4)
@@ -260,8 +270,8 @@ def test_class_weights_scale_each_class_column():
     targets = torch.tensor([[0.0, 2.0, 0.5, 0.5, 0.25, 0.25]])
     maps = raw_maps(head, 1, 64, fill=-3.0)  # every class logit -3: wrong for class 2, right for 0 and 1
     hyp = Hyperparameters()
-    _, plain = DetectionLoss(head, hyp)(maps, targets)
-    _, weighted = DetectionLoss(head, hyp, class_weights=torch.tensor([1.0, 1.0, 10.0]))(maps, targets)
+    _, plain = yolov5_loss(DetectionLoss(head, hyp), maps, targets)
+    _, weighted = yolov5_loss(DetectionLoss(head, hyp, class_weights=torch.tensor([1.0, 1.0, 10.0])), maps, targets)
     positive, negative = math.log1p(math.exp(3)), math.log1p(math.exp(-3))  # BCE of logit -3 vs 1 and vs 0
     num_levels_with_targets = levels_with_targets(head, targets, 64)
     assert num_levels_with_targets == 2  # a 16 px box fits anchors of P3 and P4, not P5 (116 / 16 > 4)
@@ -277,8 +287,8 @@ def test_class_weights_scale_each_class_column():
 def test_positive_weights_raise_positive_terms():
     head = StandInHead(nc=3)
     maps = raw_maps(head, 2, 64)
-    _, plain = DetectionLoss(head, Hyperparameters())(maps, TARGETS)
-    _, weighted = DetectionLoss(head, Hyperparameters(cls_pw=2.0, obj_pw=2.0))(maps, TARGETS)
+    _, plain = yolov5_loss(DetectionLoss(head, Hyperparameters()), maps, TARGETS)
+    _, weighted = yolov5_loss(DetectionLoss(head, Hyperparameters(cls_pw=2.0, obj_pw=2.0)), maps, TARGETS)
     assert weighted[1] > plain[1] and weighted[2] > plain[2]
 
 
@@ -317,7 +327,7 @@ def test_real_model_trains_one_step_and_takes_focal_priors():
     images = torch.rand(2, 3, 64, 64)
     hyp = scale_loss_gains(Hyperparameters(), model.detect.nl, 3, 64)
     loss_fn = DetectionLoss(model, hyp)
-    loss, items = loss_fn(model(images), TARGETS)
+    loss, items = yolov5_loss(loss_fn, model(images), TARGETS)
     assert loss.ndim == 0 and torch.isfinite(loss) and (items > 0).all()
     loss.backward()
     head_grad = model.detect.m[0].weight.grad

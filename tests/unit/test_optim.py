@@ -1,26 +1,12 @@
-"""Optimiser parameter groups, batch-size scaling, LR schedules and warmup against hand-computed values."""
+"""Optimiser parameter groups and batch-size scaling against hand-computed values (schedules: test_schedules.py)."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 from torch import nn
 
-from detector.config import Hyperparameters
-from detector.engine.optim import (
-    LR_SCHEDULES,
-    accumulate_steps,
-    build_optimizer,
-    build_scheduler,
-    lr_lambda,
-    parameter_groups,
-    scaled_weight_decay,
-    warmup,
-    warmup_accumulate_steps,
-    warmup_iterations,
-)
+from detector.engine.optim import accumulate_steps, build_optimizer, parameter_groups, scaled_weight_decay
 from detector.errors import ConfigError
 
 
@@ -98,74 +84,6 @@ def test_accumulation_and_weight_decay_scaling():
         5e-4 * 72 / 64
     )
     assert scaled_weight_decay(5e-4, batch_size=128, accumulate=1, nominal_batch_size=64) == pytest.approx(1e-3)
-
-
-def test_schedule_end_points_and_midpoints():
-    linear = lr_lambda(epochs=100, lrf=0.01)
-    assert linear(0) == pytest.approx(1.0)
-    assert linear(50) == pytest.approx(0.505)
-    assert linear(100) == pytest.approx(0.01)
-    cosine = lr_lambda(epochs=100, lrf=0.01, cosine=True)
-    assert cosine(0) == pytest.approx(1.0)
-    assert cosine(50) == pytest.approx(0.505)  # halfway down either way
-    assert cosine(25) == pytest.approx(1 - (1 - math.cos(math.pi / 4)) / 2 * 0.99)
-    assert cosine(100) == pytest.approx(0.01)
-    assert set(LR_SCHEDULES) >= {"linear", "cosine"}
-    with pytest.raises(ConfigError, match="unknown learning-rate schedule 'step'"):
-        lr_lambda(10, 0.01, schedule="step")
-
-
-def test_scheduler_steps_each_group_along_the_schedule():
-    optimizer = build_optimizer(small_model(), "SGD", lr=0.02)
-    scheduler = build_scheduler(optimizer, epochs=10, lrf=0.1)
-    assert all(g["initial_lr"] == 0.02 for g in optimizer.param_groups)
-    for _ in range(5):
-        optimizer.step()
-        scheduler.step()
-    assert optimizer.param_groups[1]["lr"] == pytest.approx(0.02 * ((1 - 0.5) * 0.9 + 0.1))
-
-
-def test_warmup_iterations():
-    assert warmup_iterations(3.0, 500) == 1500
-    assert warmup_iterations(3.0, 10) == 100  # at least 100 iterations
-    assert warmup_iterations(0.0, 500) == 0  # explicitly off
-
-
-def test_warmup_values_at_start_middle_and_end():
-    hyp = Hyperparameters(lr0=0.01, momentum=0.937, warmup_momentum=0.8, warmup_bias_lr=0.1)
-    optimizer = build_optimizer(small_model(), "SGD", lr=hyp.lr0, momentum=hyp.momentum)
-    build_scheduler(optimizer, epochs=100, lrf=0.01)
-    factor = lr_lambda(100, 0.01)(0)
-
-    warmup(optimizer, 0, 200, factor, hyp)
-    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-    assert lrs == {"bias": pytest.approx(0.1), "weight": 0.0, "norm": 0.0}
-    assert all(g["momentum"] == pytest.approx(0.8) for g in optimizer.param_groups)
-
-    warmup(optimizer, 100, 200, factor, hyp)
-    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-    assert lrs == {"bias": pytest.approx(0.055), "weight": pytest.approx(0.005), "norm": pytest.approx(0.005)}
-    assert optimizer.param_groups[0]["momentum"] == pytest.approx(0.8685)
-
-    warmup(optimizer, 200, 200, factor, hyp)
-    assert all(g["lr"] == pytest.approx(0.01) for g in optimizer.param_groups)
-    assert all(g["momentum"] == pytest.approx(0.937) for g in optimizer.param_groups)
-
-
-def test_warmup_leaves_adam_betas_alone():
-    hyp = Hyperparameters(lr0=0.001)
-    optimizer = build_optimizer(small_model(), "Adam", lr=hyp.lr0, momentum=0.9)
-    build_scheduler(optimizer, epochs=10, lrf=0.01)
-    warmup(optimizer, 0, 100, 1.0, hyp)
-    assert all(g["betas"] == (0.9, 0.999) and "momentum" not in g for g in optimizer.param_groups)
-    assert optimizer.param_groups[1]["lr"] == 0.0
-
-
-def test_warmup_accumulation_ramps_to_nominal_batch():
-    assert warmup_accumulate_steps(0, 100, batch_size=16, nominal_batch_size=64) == 1
-    assert warmup_accumulate_steps(50, 100, batch_size=16, nominal_batch_size=64) == 2  # 2.5 rounds to even
-    assert warmup_accumulate_steps(100, 100, batch_size=16, nominal_batch_size=64) == 4
-    assert warmup_accumulate_steps(100, 100, batch_size=128, nominal_batch_size=64) == 1
 
 
 def test_yolov5n_groups_match_yolov5s_optimizer_log():

@@ -9,21 +9,26 @@ import pytest
 import torch
 from torch import nn
 
-from detector.config import BUILTIN_TRAIN_CONFIG, TrainConfig, config_to_dict, load_yaml
-from detector.engine.trainer import (
+from detector.config import (
+    BUILTIN_TRAIN_CONFIG,
     SAFE_RESUME_KEYS,
-    build_train_config,
+    TrainConfig,
+    check_train_config,
+    config_to_dict,
+    find_last_checkpoint,
+    load_yaml,
+    resolve_train_config,
+)
+from detector.engine.state import strip_optimizer
+from detector.engine.trainer import (
     check_amp,
     epoch_seed,
-    find_last_checkpoint,
     freeze_layers,
     frozen_layer_indices,
     random_image_size,
     resize_batch,
     resolve_amp,
-    resolve_defaults,
     set_train_mode,
-    strip_optimizer,
     transfer_weights,
 )
 from detector.errors import CheckpointError, ConfigError
@@ -51,12 +56,12 @@ class Layered(nn.Module):
 # -- config ----------------------------------------------------------------------------------------------------------
 
 
-def test_build_train_config_precedence_defaults_config_hyp_flags(tmp_path):
+def test_resolve_train_config_precedence_defaults_config_hyp_flags(tmp_path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text("epochs: 7\nbatch_size: 8\nhyp:\n  lr0: 0.5\n  momentum: 0.5\n")
     hyp_file = tmp_path / "hyp.yaml"
     hyp_file.write_text("lr0: 0.02\nmosaic: 0.0\n")
-    config = build_train_config({"config": str(config_file), "hyp": str(hyp_file), "batch_size": 4, "rect": True})
+    config = resolve_train_config({"config": str(config_file), "hyp": str(hyp_file), "batch_size": 4, "rect": True})
     assert config.epochs == 7  # --config over the default
     assert config.batch_size == 4  # the flag over --config
     assert config.hyp.lr0 == 0.02 and config.hyp.mosaic == 0.0  # --hyp over --config
@@ -66,28 +71,56 @@ def test_build_train_config_precedence_defaults_config_hyp_flags(tmp_path):
 
 def test_builtin_recipe_applies_under_the_users_options_and_only_to_the_builtin_dataset(tmp_path):
     recipe = load_yaml(BUILTIN_TRAIN_CONFIG)
-    builtin = build_train_config({})
+    builtin = resolve_train_config({})
     assert builtin.optimizer == recipe["optimizer"] and builtin.nbs == recipe["nbs"]
     assert builtin.hyp.lr0 == recipe["hyp"]["lr0"] and builtin.epochs == recipe["epochs"]
-    mine = build_train_config({"optimizer": "SGD", "epochs": 3, "hyp": {"lr0": 0.05}})
+    mine = resolve_train_config({"optimizer": "SGD", "epochs": 3, "hyp": {"lr0": 0.05}})
     assert (mine.optimizer, mine.epochs, mine.hyp.lr0) == ("SGD", 3, 0.05)
     assert mine.hyp.momentum == recipe["hyp"]["momentum"]  # a recipe key the user did not set survives
-    other = build_train_config({"data": "my.yaml"})
+    other = resolve_train_config({"data": "my.yaml"})
     assert other == TrainConfig(data="my.yaml")  # other datasets get YOLOv5's defaults
 
 
-def test_build_train_config_rejects_typos_with_suggestion():
+def test_resolve_train_config_rejects_typos_with_suggestion():
     with pytest.raises(ConfigError, match="did you mean 'epochs'"):
-        build_train_config({"epoch": 3})
+        resolve_train_config({"epoch": 3})
 
 
-def test_resolve_defaults_builtin_vs_dataset():
+def test_defaults_are_real_values_and_the_builtin_recipe_sets_its_own():
     recipe = load_yaml(BUILTIN_TRAIN_CONFIG)
-    builtin = resolve_defaults(TrainConfig())
+    builtin = resolve_train_config({})
     assert (builtin.imgsz, builtin.epochs) == (recipe["imgsz"], recipe["epochs"])
-    assert builtin.cfg == "yolov5n.yaml"
-    other = resolve_defaults(TrainConfig(data="my.yaml", weights="x.pt", imgsz=320))
-    assert (other.imgsz, other.epochs, other.cfg) == (320, 100, "")
+    other = resolve_train_config({"data": "my.yaml", "weights": "x.pt", "imgsz": 320})
+    assert (other.imgsz, other.epochs, other.cfg) == (320, 100, "")  # cfg "" = --weights' architecture
+
+
+def test_cos_lr_is_an_alias_of_the_cosine_schedule():
+    assert resolve_train_config({"data": "d.yaml", "cos_lr": True}).lr_schedule == "cosine"
+    assert resolve_train_config({"data": "d.yaml", "lr_schedule": "onecycle"}).lr_schedule == "onecycle"
+    with pytest.raises(ConfigError, match="contradicts --lr-schedule onecycle"):
+        resolve_train_config({"data": "d.yaml", "cos_lr": True, "lr_schedule": "onecycle"})
+    config = resolve_train_config({"data": "d.yaml", "lr_schedule": "cosine-restarts", "schedule.t0": "4"})
+    assert config.schedule.t0 == 4.0
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"batch_size": 0}, "--batch-size: expected a positive number of images, or -1 for AutoBatch"),
+        ({"batch_size": -2}, "--batch-size"),
+        ({"epochs": 0}, "--epochs: expected a positive number"),
+        ({"workers": -1}, "--workers"),
+        ({"label_smoothing": 1.0}, "--label-smoothing"),
+        ({"lr_schedule": "plateau", "noval": True}, "plateau .* cannot run with --noval"),
+        ({"hyp": {"mosaic": 1.5}}, "hyp.mosaic: a probability"),
+        ({"hyp": {"lr0": 0.0}}, "hyp.lr0 must be positive"),
+        ({"freeze": (-1,)}, "--freeze"),
+    ],
+)
+def test_refused_options_name_the_option(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        check_train_config(resolve_train_config({"data": "d.yaml", **changes}))
+    check_train_config(resolve_train_config({"data": "d.yaml", "batch_size": -1}))  # AutoBatch is allowed
 
 
 def _saved_run(tmp_path, **changes):
@@ -100,11 +133,18 @@ def _saved_run(tmp_path, **changes):
 
 def test_resume_takes_the_saved_config_and_allows_safe_flags(tmp_path):
     path = _saved_run(tmp_path, hyp=dataclasses.replace(TrainConfig().hyp, lr0=0.03))
-    config = build_train_config({"resume": str(path), "epochs": 9, "batch_size": 4, "workers": 0, "imgsz": 64})
+    config = resolve_train_config({"resume": str(path), "epochs": 9, "batch_size": 4, "workers": 0, "imgsz": 64})
     assert config.resume == str(path)
     assert (config.data, config.imgsz, config.hyp.lr0) == ("d.yaml", 64, 0.03)  # saved values, imgsz unchanged
     assert (config.epochs, config.batch_size, config.workers) == (9, 4, 0)  # safe to change
-    assert set(SAFE_RESUME_KEYS) == {"workers", "device", "batch_size", "epochs", "patience"}
+    assert set(SAFE_RESUME_KEYS) == {"workers", "device", "batch_size", "epochs", "patience", "cache_dir"}
+
+
+def test_resume_of_a_finished_run_says_how_to_extend_it(tmp_path):
+    path = _saved_run(tmp_path, epochs=3)  # epoch 2 saved: all 3 epochs done
+    with pytest.raises(ConfigError, match=r"this run has finished \(3 of 3 epochs\); .* --resume .* --epochs 6"):
+        resolve_train_config({"resume": str(path)})
+    assert resolve_train_config({"resume": str(path), "epochs": 5}).epochs == 5  # more epochs: resumable
 
 
 @pytest.mark.parametrize(
@@ -113,7 +153,7 @@ def test_resume_takes_the_saved_config_and_allows_safe_flags(tmp_path):
 def test_resume_refuses_other_changes_naming_the_flag(tmp_path, flags, flag):
     path = _saved_run(tmp_path)
     with pytest.raises(ConfigError, match=f"{flag} cannot change when resuming"):
-        build_train_config({"resume": str(path), **flags})
+        resolve_train_config({"resume": str(path), **flags})
 
 
 def test_bare_resume_finds_the_latest_last_pt(tmp_path):
@@ -122,7 +162,7 @@ def test_bare_resume_finds_the_latest_last_pt(tmp_path):
     second.parent.mkdir(parents=True)
     second.write_bytes(first.read_bytes())
     assert find_last_checkpoint(tmp_path / "runs") == second
-    config = build_train_config({"resume": "auto", "project": str(tmp_path / "runs")})
+    config = resolve_train_config({"resume": "auto", "project": str(tmp_path / "runs")})
     assert config.resume == str(second)
     with pytest.raises(ConfigError, match=r"no last\.pt found"):
         find_last_checkpoint(tmp_path / "empty")
@@ -132,7 +172,7 @@ def test_resume_from_weights_without_training_state_is_refused(tmp_path):
     path = tmp_path / "w.pt"
     save_checkpoint({"model": {}}, path)
     with pytest.raises(CheckpointError, match="no training state"):
-        build_train_config({"resume": str(path)})
+        resolve_train_config({"resume": str(path)})
 
 
 # -- model helpers ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,120 @@
+"""The default hooks around the training step: LR schedule, EMA, validation, early stopping, checkpointing.
+
+Each is a :class:`~detector.engine.callbacks.Callback` on the trainer's one event list; the loop itself only
+trains batches and fires events. :func:`default_hooks` is the list every run gets (``Trainer.build_hooks``),
+in an order that matters at ``on_epoch_end``: validate, let the schedule and early stopping see the fitness,
+log the row, then save the checkpoint, so that the checkpoint holds everything the epoch decided. A caller's
+own hooks run after these.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from detector.engine.callbacks import Callback
+from detector.engine.loggers import default_loggers
+from detector.engine.schedules import set_momentum, warmup
+
+if TYPE_CHECKING:
+    from detector.engine.trainer import Trainer
+
+LOGGER = logging.getLogger(__name__)
+
+
+class LRScheduleHook(Callback):
+    """Sets every parameter group's learning rate (and momentum) for the coming iteration, from the trainer's
+    :class:`~detector.engine.schedules.LRSchedule`: YOLOv5's warmup during the first ``trainer.warmup_iterations``,
+    then ``initial_lr x schedule.factor(iteration) x state.lr_factor``. At each epoch end the schedule sees the
+    validation fitness (``plateau`` reacts to it)."""
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        self.apply(trainer, trainer.state.iteration)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        self.apply(trainer, trainer.state.iteration + 1)
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        trainer.schedule.on_epoch_end(trainer.state.epoch, trainer.state.fitness)
+
+    @staticmethod
+    def apply(trainer: Trainer, iteration: int) -> None:
+        schedule, optimizer = trainer.schedule, trainer.optimizer
+        factor = schedule.factor(iteration) * trainer.state.lr_factor
+        if iteration < trainer.warmup_iterations:
+            warmup(optimizer, iteration, trainer.warmup_iterations, factor, trainer.config.hyp)
+            return
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        momentum = schedule.momentum(iteration)
+        if momentum is not None:
+            set_momentum(optimizer, momentum)
+
+
+class EMAHook(Callback):
+    """Updates the exponential moving average of the weights after every optimizer step (rank 0 holds it)."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.ema is not None and trainer.state.stepped:
+            trainer.timed("optimizer", lambda: trainer.ema.update(trainer.model))  # timed with the step it follows
+
+
+class ValidationHook(Callback):
+    """Validates the EMA model at each epoch end (only the last one with ``--noval``), records the fitness and the
+    best epoch; at the end of the run, validates best.pt with plots and the per-class table."""
+
+    def __init__(self, final: bool = True) -> None:
+        self.final = final
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        state = trainer.state
+        state.fitness = None
+        if not trainer.is_main:
+            return
+        if not trainer.config.noval or state.is_last_epoch:
+            trainer.validate()
+        state.update_best()
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self.final and trainer.is_main:
+            trainer.validate_best()
+
+
+class EarlyStopping(Callback):
+    """Stops the run when the fitness has not improved for ``config.patience`` epochs (0 = never)."""
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        state, patience = trainer.state, trainer.config.patience
+        if not trainer.is_main or patience <= 0 or state.is_last_epoch:
+            return
+        if state.epoch - state.best_epoch >= patience:
+            trainer.request_stop(
+                f"no improvement in the last {patience} epochs; best results at epoch {state.best_epoch}, best.pt "
+                "saved. Use --patience 0 to disable (or --resume --patience N to continue)"
+            )
+
+
+class CheckpointHook(Callback):
+    """Saves last.pt every epoch (best.pt when the fitness improved, epoch<N>.pt every --save-period) through the
+    trainer's :class:`~detector.engine.state.Checkpointer`; strips the optimizer from them at the end."""
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        if trainer.is_main:
+            state = trainer.state
+            trainer.checkpointer.save(trainer, is_best=state.best_epoch == state.epoch, final=state.is_last_epoch)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if trainer.is_main:
+            trainer.checkpointer.finalize()
+
+
+def default_hooks() -> list[Callback]:
+    """What every training run gets, in order (see the module docstring)."""
+    return [
+        EMAHook(),
+        ValidationHook(),
+        LRScheduleHook(),
+        EarlyStopping(),
+        *default_loggers(),
+        CheckpointHook(),
+    ]
