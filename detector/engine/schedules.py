@@ -33,7 +33,6 @@ A new schedule is one class here::
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -43,6 +42,7 @@ import torch
 
 from detector.config import Hyperparameters, ScheduleConfig
 from detector.errors import ConfigError
+from detector.utils.checks import check_choice
 
 MIN_WARMUP_ITERATIONS = 100
 
@@ -276,11 +276,7 @@ def build_schedule(
 
 def schedule_class(name: str) -> type[LRSchedule]:
     """The schedule registered as ``name``; a one-line ConfigError with a suggestion for an unknown one."""
-    if name not in LR_SCHEDULES:
-        close = difflib.get_close_matches(name, LR_SCHEDULES, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"--lr-schedule {name!r}: unknown{hint} (choose from {', '.join(LR_SCHEDULES)})")
-    return LR_SCHEDULES[name]
+    return check_choice("--lr-schedule", name, LR_SCHEDULES)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import importlib.util
 import logging
 import warnings
@@ -26,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from detector.config import ExportConfig
-from detector.errors import ConfigError, ExportError
+from detector.errors import ExportError
 from detector.export.nms import reference_detections
+from detector.utils.checks import check_choice
 
 if TYPE_CHECKING:
     from detector.engine.backends import Backend
@@ -57,11 +57,7 @@ def register_format(cls: type[Format]) -> type[Format]:
 
 def format_for_include(name: str) -> type[Format]:
     """The format of an ``--include`` value; a one-line ConfigError with a suggestion for an unknown one."""
-    if name not in FORMATS:
-        close = difflib.get_close_matches(name, FORMATS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"--include: unknown format {name!r}{hint} (choose from {', '.join(FORMATS)})")
-    return FORMATS[name]
+    return check_choice("--include", name, FORMATS)
 
 
 def format_for_path(path: str | Path) -> type[Format] | None:

@@ -1,17 +1,22 @@
-"""The small option checks every task shares: image sizes rounded to the model's stride, thresholds in [0, 1].
+"""The small option checks every task shares: image sizes rounded to the model's stride, thresholds in [0, 1], a
+name looked up in a registry.
 
 One home for each, so train.py, val.py, detect.py and export.py round and refuse the same way.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 from detector.errors import ConfigError
 
 LOGGER = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def round_to_stride(size: int, stride: int, minimum: int | None = None) -> int:
@@ -45,3 +50,13 @@ def check_threshold(flag: str, value: float) -> float:
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"{flag} must be between 0 and 1, got {value}")
     return value
+
+
+def check_choice(flag: str, name: str, options: Mapping[str, T]) -> T:
+    """``options[name]`` (a registry: schedules, export formats), or a one-line ConfigError naming ``flag`` with the
+    closest option and every option."""
+    if name not in options:
+        close = difflib.get_close_matches(name, list(options), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{flag} {name!r}: unknown{hint} (choose from {', '.join(options)})")
+    return options[name]

@@ -14,8 +14,7 @@ import pytest
 import torch
 import yaml
 
-from detector.config import MODEL_CONFIG_DIR, TrainConfig, load_hyp
-from detector.data.builtin import ensure_builtin_dataset
+from detector.config import TrainConfig, load_hyp
 from detector.data.loader import create_dataloader
 from detector.engine.callbacks import Callback
 from detector.engine.loggers import read_results
@@ -29,22 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "docs" / "examples"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine")
-    data = ensure_builtin_dataset(root / "data", num_train=8, num_val=4, progress=False)
-    model = yaml.safe_load((MODEL_CONFIG_DIR / "yolov5n.yaml").read_text())
-    model["width_multiple"] = 0.125
-    (root / "tiny.yaml").write_text(yaml.safe_dump(model))
-    return {"data": str(data), "cfg": str(root / "tiny.yaml")}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(tiny, tmp_path, **changes) -> TrainConfig:

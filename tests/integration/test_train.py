@@ -14,8 +14,7 @@ import pytest
 import torch
 import yaml
 
-from detector.config import MODEL_CONFIG_DIR, TrainConfig, load_hyp
-from detector.data.builtin import ensure_builtin_dataset
+from detector.config import TrainConfig, load_hyp
 from detector.engine.callbacks import Callbacks
 from detector.engine.loggers import read_results
 from detector.engine.trainer import Trainer, TrainingDivergedError
@@ -24,25 +23,7 @@ from detector.utils.checkpoint import load_checkpoint
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, where train.py is
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these tensors are tiny, and two threads crawl when other processes share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """8 train + 4 val built-in images and a yolov5n variant at 1/8 width (~0.1 M parameters)."""
-    root = tmp_path_factory.mktemp("tiny")
-    data = ensure_builtin_dataset(root / "data", num_train=8, num_val=4, progress=False)
-    model = yaml.safe_load((MODEL_CONFIG_DIR / "yolov5n.yaml").read_text())
-    model["width_multiple"] = 0.125
-    model_path = root / "tiny.yaml"
-    model_path.write_text(yaml.safe_dump(model))
-    return {"data": str(data), "cfg": str(model_path), "root": root}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(tiny, tmp_path, **changes) -> TrainConfig:
