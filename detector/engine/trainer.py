@@ -75,7 +75,7 @@ from detector.engine.validator import Validator, create_val_dataloader
 from detector.errors import CheckpointError, ConfigError
 from detector.models.autoanchor import check_anchors
 from detector.models.loading import load_model, model_from_checkpoint
-from detector.models.loss import DetectionLoss, initialize_focal_biases, scale_loss_gains
+from detector.models.loss import DetectionLoss, LossFunction, initialize_focal_biases, scale_loss_gains
 from detector.models.yolo import DetectionModel
 from detector.ops.metrics import Metrics
 from detector.utils.checkpoint import load_checkpoint
@@ -93,7 +93,6 @@ NONFINITE_LIMIT = 3  # consecutive non-finite losses before the last good state 
 RECOVERY_LR_FACTOR = 0.1
 MULTI_SCALE_RANGE = (0.5, 1.5)
 
-LossFunction = Callable[[list[Tensor], Tensor], Mapping[str, Tensor]]  # raw maps, targets -> named scalar terms
 T = TypeVar("T")
 
 

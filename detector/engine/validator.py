@@ -22,7 +22,7 @@ import csv
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from detector.engine.coco_eval import (
     write_json,
 )
 from detector.errors import CheckpointError, ConfigError
+from detector.models.loss import LossFunction
 from detector.ops.boxes import clip_boxes, xywhn2xyxy, xyxy2xywhn
 from detector.ops.metrics import DetectionStats, Metrics, Speed, box_iou_numpy, confusion_matrix
 from detector.ops.nms import non_max_suppression
@@ -65,7 +66,6 @@ STUDY_STEP = 128
 TABLE_HEADER = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 
 Batch = tuple[Tensor, Tensor, Sequence[str], Sequence[Any]]
-LossFunction = Callable[[list[Tensor], Tensor], dict[str, Tensor]]  # raw maps, targets -> named loss terms
 
 
 class Validator:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -33,6 +34,9 @@ from torch import Tensor, nn
 from detector.config import Hyperparameters
 from detector.models.yolo import detect_head
 from detector.ops.boxes import bbox_ciou
+
+# What the trainer and the validator call a loss: (raw maps, targets (N, 6)) -> named scalar terms.
+LossFunction = Callable[[list[Tensor], Tensor], Mapping[str, Tensor]]
 
 # Objectness weight of each level, fine to coarse: P3 has 16x the cells of P5, and gets more weight so small
 # objects are not drowned out (YOLOv5 issue #2026). Four-level (P6) models use the first four of the long list.
