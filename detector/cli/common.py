@@ -13,6 +13,9 @@ from detector.utils.logging import setup_logging
 
 LOGGER = logging.getLogger("detector")
 
+# --cache-dir's help, the same in train.py and val.py.
+CACHE_DIR_HELP = "folder for label caches ('' = beside the labels, or the user cache folder when that is not writable)"
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows each flag's default and keeps the description's line breaks."""

@@ -14,7 +14,7 @@ import typing
 from collections.abc import Sequence
 from typing import get_args
 
-from detector.cli.common import given_flags, new_parser, run_cli
+from detector.cli.common import CACHE_DIR_HELP, given_flags, new_parser, run_cli
 from detector.config import BUILTIN_TRAIN_CONFIG, TrainConfig, load_yaml, resolve_train_config
 from detector.utils.torch_utils import device_ids
 
@@ -104,8 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir",
         type=str,
         dest="cache_dir",
-        help="folder for label caches ('' = beside the labels, or the user cache folder when that is not writable)"
-        + _default("cache_dir"),
+        help=CACHE_DIR_HELP + _default("cache_dir"),
     )
     add(
         "--image-weights",

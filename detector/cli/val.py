@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from detector.cli.common import given_flags, new_parser, run_cli
+from detector.cli.common import CACHE_DIR_HELP, given_flags, new_parser, run_cli
 from detector.config import ValConfig, build_config
 
 DESCRIPTION = """Validate a model on a dataset: precision, recall, mAP50 and mAP50-95 (COCO's matching and
@@ -65,8 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir",
         type=str,
         dest="cache_dir",
-        help="folder for label caches ('' = beside the labels, or the user cache folder when that is not writable)"
-        + _default("cache_dir"),
+        help=CACHE_DIR_HELP + _default("cache_dir"),
     )
     add("--augment", action="store_true", help="test-time augmentation (scales + flip)" + _default("augment"))
     add("--verbose", action="store_true", help="report mAP per class" + _default("verbose"))

@@ -79,7 +79,7 @@ from detector.models.loss import DetectionLoss, LossFunction, initialize_focal_b
 from detector.models.yolo import DetectionModel
 from detector.ops.metrics import Metrics
 from detector.utils.checkpoint import load_checkpoint
-from detector.utils.checks import round_to_stride
+from detector.utils.checks import check_imgsz, round_to_stride
 from detector.utils.files import increment_path
 from detector.utils.logging import add_file_log, remove_file_log, setup_logging, start_log_buffer
 from detector.utils.plots import plot_labels
@@ -301,7 +301,7 @@ class Trainer:
         self.pretrained_head = False
         self.model = self._adopt_model(model if model is not None else self.build_model(self.resume_checkpoint))
         self.stride = int(self.model.stride.max())
-        self.imgsz = self._check_imgsz(config.imgsz)
+        self.imgsz = check_imgsz(config.imgsz, self.stride, minimum=2 * self.stride)[0]  # square training size
         self._resolve_batch_size()
         self.batch_size = distributed.per_rank_batch_size(self.config.batch_size, self.context)
         self.accumulate = accumulate_steps(self.config.batch_size, self.config.nbs)  # batches per optimizer step
@@ -431,12 +431,6 @@ class Trainer:
         model = model.to(self.device, memory_format=self.memory_format)
         model.names = list(self.names)
         return model
-
-    def _check_imgsz(self, imgsz: int) -> int:
-        size = round_to_stride(imgsz, self.stride, minimum=2 * self.stride)
-        if size != imgsz:
-            LOGGER.warning("--imgsz %d must be a multiple of the max stride %d; using %d", imgsz, self.stride, size)
-        return size
 
     def _resolve_batch_size(self) -> None:
         """--batch-size -1: AutoBatch on CUDA (a single process), the default elsewhere."""
