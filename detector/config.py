@@ -130,6 +130,28 @@ class TrainConfig:
     seed: int = 0  # global random seed
     deterministic: bool = False  # deterministic algorithms (slower), for bit-exact repeatable runs
     amp: Literal["auto", "fp16", "bf16", "off"] = "auto"  # auto = fp16 on CUDA if the AMP check passes, off on CPU
+    fitness_weights: tuple[float, ...] = (0.0, 0.0, 0.1, 0.9)  # fitness = these x (P, R, mAP50, mAP50-95): best.pt
+
+
+@dataclass(frozen=True)
+class EvolveConfig:
+    """Options of ``train.py --evolve``: how to search the hyperparameters of the run a TrainConfig describes."""
+
+    trials: int = 300  # --evolve N: trials in all, counting those a resumed search already has in evolve.csv
+    space: str = ""  # search space YAML (bounds, scale, evolve per hyp key); "" = configs/evolve/default.yaml
+    strategy: str = "genetic"  # genetic (tournament, crossover, range-scaled mutation, elitism) or yolov5 (classic)
+    population: int = 8  # genetic: trials per generation, and the size of the parent pool
+    parent: Literal["single", "weighted"] = "single"  # yolov5: one of the top 5 at random, or their weighted mean
+    hyps: tuple[str, ...] = ()  # further starting hyp YAMLs besides --hyp (the first generation's seeds)
+    resume: str = ""  # an evolve folder (runs/evolve/exp) whose evolve.csv to continue
+    backend: Literal["local", "ray"] = "local"  # trials one after another here, or several at once with Ray Tune
+    ray_address: str = ""  # ray: "" = start a local Ray instance; "auto" or HOST:PORT = join an existing cluster
+    trial_resources: str = ""  # ray: resources of each trial, e.g. "cpu=2,gpu=1"; "" = 1 CPU (and 1 GPU if any)
+    concurrency: int = 0  # ray: most trials at once; 0 = as many as the resources allow
+    search: Literal["ga", "random", "optuna"] = "ga"  # ray: our genetic proposals, Ray's random search, or Optuna
+    scheduler: Literal["fifo", "asha"] = "fifo"  # ray: run every trial to the end, or stop poor ones early (ASHA)
+    grace_period: int = 1  # asha: epochs every trial runs before it can be stopped
+    reduction_factor: int = 2  # asha: keep the best 1/reduction_factor of trials at each rung
 
 
 @dataclass(frozen=True)
@@ -526,3 +548,38 @@ def check_train_config(config: TrainConfig) -> None:
         raise ConfigError(f"hyp.lr0 must be positive and hyp.lrf in (0, 1]; got lr0 {hyp.lr0}, lrf {hyp.lrf}")
     if hyp.warmup_epochs < 0:
         raise ConfigError(f"hyp.warmup_epochs: expected 0 or more, got {hyp.warmup_epochs}")
+    check_fitness_weights(config.fitness_weights)
+
+
+def check_fitness_weights(weights: tuple[float, ...]) -> None:
+    """--fitness-weights: four weights >= 0 (P, R, mAP50, mAP50-95), not all zero."""
+    if len(weights) != 4 or any(w < 0 for w in weights) or not any(weights):
+        raise ConfigError(
+            f"--fitness-weights: expected 4 weights >= 0, not all zero, for P R mAP50 mAP50-95; got {list(weights)}"
+        )
+
+
+def check_evolve_config(config: EvolveConfig) -> None:
+    """One-line ConfigError for evolution options that cannot work, before anything is written."""
+    if config.trials < 1:
+        raise ConfigError(f"--evolve: expected a positive number of trials, got {config.trials}")
+    if config.population < 2:
+        raise ConfigError(f"--evolve-population: expected 2 or more, got {config.population}")
+    if config.grace_period < 1 or config.reduction_factor < 2:
+        raise ConfigError(
+            f"--asha-grace-period must be >= 1 and --asha-reduction-factor >= 2; got {config.grace_period}, "
+            f"{config.reduction_factor}"
+        )
+    if config.concurrency < 0:
+        raise ConfigError(f"--evolve-concurrency: expected 0 (as resources allow) or more, got {config.concurrency}")
+    if config.backend == "local":
+        ray_only = {
+            "--evolve-search": (config.search, "ga"),
+            "--evolve-scheduler": (config.scheduler, "fifo"),
+            "--ray-address": (config.ray_address, ""),
+            "--trial-resources": (config.trial_resources, ""),
+            "--evolve-concurrency": (config.concurrency, 0),
+        }
+        for flag, (value, default) in ray_only.items():
+            if value != default:
+                raise ConfigError(f"{flag} {value} needs --evolve-backend ray (local trials run one by one)")

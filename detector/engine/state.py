@@ -29,7 +29,7 @@ import torch
 
 from detector.config import config_to_dict
 from detector.models.loading import checkpoint_model_entries
-from detector.ops.metrics import Metrics, fitness
+from detector.ops.metrics import DEFAULT_FITNESS_WEIGHTS, Metrics, fitness
 from detector.utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from detector.utils.files import atomic_write
 
@@ -59,6 +59,7 @@ class TrainState:
     lr_factor: float = 1.0  # lowered after a non-finite-loss recovery
     learning_rates: tuple[float, ...] = ()  # of each parameter group at the last step
     stop_reason: str | None = None  # set by Trainer.request_stop
+    fitness_weights: tuple[float, ...] = DEFAULT_FITNESS_WEIGHTS  # of P, R, mAP50, mAP50-95 (--fitness-weights)
 
     @property
     def is_last_epoch(self) -> bool:
@@ -67,7 +68,7 @@ class TrainState:
 
     def record_validation(self, metrics: Metrics, num_classes: int) -> None:
         self.metrics = metrics
-        self.fitness = float(fitness(metrics))
+        self.fitness = float(fitness(metrics, self.fitness_weights))
         self.class_maps = [float(v) for v in metrics.class_maps(num_classes)]
 
     def update_best(self) -> bool:

@@ -260,7 +260,11 @@ class Trainer:
             self._prepare_model(new_run=self.resume_checkpoint is None)
             self.ema = self.build_ema() if self.is_main else None
             self.optimizer = self.build_optimizer()
-            self.state = TrainState(epochs=self.config.epochs, class_maps=[0.0] * len(self.names))
+            self.state = TrainState(
+                epochs=self.config.epochs,
+                class_maps=[0.0] * len(self.names),
+                fitness_weights=self.config.fitness_weights,
+            )
             self.checkpointer = Checkpointer(
                 self.weights_dir, save_period=self.config.save_period, nosave=self.config.nosave
             )
@@ -454,7 +458,7 @@ class Trainer:
         self.save_dir = Path(distributed.broadcast_object(str(save_dir) if save_dir else None, self.context))
         self.weights_dir = self.save_dir / "weights"
         if self.is_main:
-            self.weights_dir.mkdir(parents=True, exist_ok=True)
+            self.save_dir.mkdir(parents=True, exist_ok=True)  # weights/ comes with the first checkpoint
             self.log_handler = add_file_log(self.save_dir, buffer=self.log_buffer)
             self._save_run_config()
         else:

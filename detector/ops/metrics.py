@@ -21,6 +21,7 @@ Everything here is NumPy on the CPU; boxes are xyxy pixels.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -218,9 +219,15 @@ class Metrics:
         return dataclasses.replace(self, **changes)
 
 
-def fitness(metrics: Metrics) -> float:
-    """The single number the trainer maximises: 0.1 * mAP50 + 0.9 * mAP50-95 (YOLOv5's weighting)."""
-    return 0.1 * metrics.map50 + 0.9 * metrics.map
+# Weights of (precision, recall, mAP50, mAP50-95) in the fitness: YOLOv5's 0.1 * mAP50 + 0.9 * mAP50-95.
+DEFAULT_FITNESS_WEIGHTS = (0.0, 0.0, 0.1, 0.9)
+
+
+def fitness(metrics: Metrics, weights: Sequence[float] = DEFAULT_FITNESS_WEIGHTS) -> float:
+    """The single number training and evolution maximise: the ``weights`` (precision, recall, mAP50, mAP50-95,
+    ``--fitness-weights``) applied to those four figures; by default YOLOv5's 0.1 * mAP50 + 0.9 * mAP50-95."""
+    w_precision, w_recall, w_map50, w_map = weights
+    return w_precision * metrics.precision + w_recall * metrics.recall + w_map50 * metrics.map50 + w_map * metrics.map
 
 
 class DetectionStats:
