@@ -6,6 +6,7 @@ Public API (imported lazily, so ``import detector`` stays cheap and does not imp
     model = detector.load_model("yolov5n.pt")            # ours or YOLOv5's .pt -> DetectionModel (eval mode)
     predictions = model(images)                          # (B, N, 5 + nc) xywh pixels, objectness, class scores
     metrics = detector.train(data="coco128.yaml", weights="yolov5n.pt", imgsz=320, epochs=3)  # train.py's options
+    best = detector.evolve(evolve=16, data="coco128.yaml", epochs=3)  # train.py --evolve 16: the best trial
 
 Further names join by adding one line to ``_EXPORTS``.
 """
@@ -19,6 +20,7 @@ _EXPORTS = {  # public name -> module that defines it
     "load_model": "detector.models.loading",
     "DetectionModel": "detector.models.yolo",
     "Detector": "detector.engine.predictor",
+    "evolve": "detector.evolve",
     "export": "detector.export",
     "train": "detector.engine.trainer",
 }

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import get_args
 
 from detector.cli.common import CACHE_DIR_HELP, given_flags, new_parser, run_cli
-from detector.config import BUILTIN_TRAIN_CONFIG, TrainConfig, load_yaml, resolve_train_config
+from detector.config import BUILTIN_TRAIN_CONFIG, EvolveConfig, TrainConfig, load_yaml, resolve_train_config
 from detector.utils.torch_utils import device_ids
 
 DESCRIPTION = """Train a detector on a dataset YAML (or the built-in dataset), YOLOv5's flags.
@@ -26,11 +26,15 @@ examples:
   python train.py --data my.yaml --cfg yolov5s.yaml --epochs 100 --batch-size 32  # from scratch
   python train.py --resume                                     # continue the latest run (or --resume path/last.pt)
   python train.py --resume runs/train/exp/weights/last.pt --epochs 200             # extend a finished run
+  python train.py --evolve 300 --data my.yaml --epochs 10      # evolve the hyperparameters (runs/evolve/exp)
+  python train.py --evolve 300 --resume-evolve runs/evolve/exp # continue an interrupted evolution
+  python train.py --evolve 64 --evolve-backend ray --ray-address auto --trial-resources cpu=4,gpu=1  # on Ray
   torchrun --nproc_per_node 2 train.py --device 0,1 ...       # DDP (train.py --device 0,1 launches it itself)
   torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 train.py ...
 """
 
 DEFAULTS = TrainConfig()
+EVOLVE_DEFAULTS = EvolveConfig()
 BUILTIN_RECIPE = load_yaml(BUILTIN_TRAIN_CONFIG)  # what the built-in dataset uses instead of DEFAULTS
 
 
@@ -231,7 +235,117 @@ def build_parser() -> argparse.ArgumentParser:
         choices=_choices("amp"),
         help="mixed precision: auto = fp16 on CUDA if its check passes; bf16 also on CPU" + _default("amp"),
     )
+    add(
+        "--fitness-weights",
+        nargs=4,
+        type=float,
+        dest="fitness_weights",
+        metavar=("P", "R", "MAP50", "MAP50-95"),
+        help="fitness = these weights x (precision, recall, mAP50, mAP50-95); picks best.pt and, with --evolve, the "
+        "best trial (default: 0 0 0.1 0.9, YOLOv5's)",
+    )
+    _add_evolve_flags(parser)
     return parser
+
+
+def _add_evolve_flags(parser: argparse.ArgumentParser) -> None:
+    """Hyperparameter evolution: train.py --evolve N with the training flags above (detector.evolve)."""
+    group = parser.add_argument_group(
+        "hyperparameter evolution", "train.py --evolve [N] trains N trials of --epochs each, in runs/evolve/exp"
+    )
+    add = group.add_argument
+    add(
+        "--evolve",
+        nargs="?",
+        const=EVOLVE_DEFAULTS.trials,
+        type=int,
+        metavar="N",
+        help=f"evolve the hyperparameters over N trials (bare --evolve: {EVOLVE_DEFAULTS.trials}); writes evolve.csv, "
+        "hyp_evolve.yaml (use it with --hyp) and evolve.png (default: no evolution)",
+    )
+    add(
+        "--evolve-space",
+        metavar="FILE",
+        help="search space YAML: bounds, scale (linear/log), evolve or not, per hyp key "
+        "(default: configs/evolve/default.yaml)",
+    )
+    add(
+        "--evolve-strategy",
+        metavar="{genetic,yolov5}",
+        help="genetic: tournament selection, crossover, Gaussian mutation scaled to each key's range, elitism; "
+        f"yolov5: YOLOv5's single-parent mutation (default: {EVOLVE_DEFAULTS.strategy})",
+    )
+    add(
+        "--evolve-population",
+        type=int,
+        metavar="N",
+        help=f"genetic: trials per generation and parents kept (default: {EVOLVE_DEFAULTS.population})",
+    )
+    add(
+        "--evolve-parent",
+        choices=["single", "weighted"],
+        help="yolov5: mutate one of the best 5 trials (single) or their fitness-weighted mean (weighted) "
+        f"(default: {EVOLVE_DEFAULTS.parent})",
+    )
+    add(
+        "--evolve-hyps",
+        nargs="+",
+        metavar="FILE",
+        help="more starting hyp YAMLs besides --hyp: trained first and bred from (default: none)",
+    )
+    add(
+        "--resume-evolve",
+        metavar="DIR",
+        help="continue the evolution in DIR (e.g. runs/evolve/exp) up to --evolve N trials in all; re-running the "
+        "same command with --exist-ok --name exp does the same (default: no)",
+    )
+    add(
+        "--evolve-backend",
+        choices=["local", "ray"],
+        help="local: trials one by one in this process; ray: several at once with Ray Tune, on this machine or a "
+        f'cluster (pip install "detector[tune]") (default: {EVOLVE_DEFAULTS.backend})',
+    )
+    add(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="ray: 'auto' or HOST:PORT of a running Ray cluster (default: start a local Ray instance)",
+    )
+    add(
+        "--trial-resources",
+        metavar="cpu=N,gpu=N",
+        help="ray: resources of each trial, e.g. cpu=2,gpu=1 (a trial is one process: it trains on its first GPU) "
+        "(default: cpu=1, and gpu=1 when the cluster has GPUs)",
+    )
+    add(
+        "--evolve-concurrency",
+        type=int,
+        metavar="N",
+        help="ray: at most N trials at once (default: 0 = as many as the resources allow)",
+    )
+    add(
+        "--evolve-search",
+        choices=["ga", "random", "optuna"],
+        help="ray: our genetic proposals (ga, as --evolve-strategy says), Ray's random search, or Optuna's TPE "
+        f"(default: {EVOLVE_DEFAULTS.search})",
+    )
+    add(
+        "--evolve-scheduler",
+        choices=["fifo", "asha"],
+        help="ray: run every trial to the end (fifo) or stop poor trials early on their per-epoch fitness (asha) "
+        f"(default: {EVOLVE_DEFAULTS.scheduler})",
+    )
+    add(
+        "--asha-grace-period",
+        type=int,
+        metavar="EPOCHS",
+        help=f"asha: epochs a trial always trains (default: {EVOLVE_DEFAULTS.grace_period})",
+    )
+    add(
+        "--asha-reduction-factor",
+        type=int,
+        metavar="F",
+        help=f"asha: 1/F of the trials go on at each rung (default: {EVOLVE_DEFAULTS.reduction_factor})",
+    )
 
 
 def _choices(name: str) -> list[str]:
@@ -248,6 +362,12 @@ def train_from_flags(argv: Sequence[str] | None = None) -> int:
     local_rank = flags.pop("local_rank", None)
     if local_rank is not None and local_rank >= 0 and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(local_rank)  # torch.distributed.launch passes it as a flag, torchrun as env
+
+    if "evolve" in flags or "resume_evolve" in flags:
+        from detector.evolve.search import command_line, run_evolution  # lazy import: keep `--help` fast
+
+        run_evolution(flags, command_line(argv))
+        return 0
 
     from detector.engine import distributed  # lazy import: keep `train.py --help` fast
     from detector.engine.trainer import Trainer
