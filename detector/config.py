@@ -71,6 +71,8 @@ class Hyperparameters:
     copy_paste: float = 0.0  # probability of pasting another image's objects (by polygon, else by box)
     cutout: float = 0.0  # probability of cutout / random erasing of a few patches
     albumentations: float = 0.0  # probability of the albumentations pipeline (only when albumentations is installed)
+    drop_path: float = 0.0  # stochastic depth: drop probability of the deepest bottleneck's branch (rising with depth)
+    dropout: float = 0.0  # dropout probability on the features entering the detection head, in training
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class TrainConfig:
     cache: Literal["", "ram", "disk"] = ""  # cache decoded images in RAM or as .npy files on disk
     cache_dir: str = ""  # folder for label caches; "" = beside the labels, or the user cache when not writable
     image_weights: bool = False  # sample images weighted by (1 - per-class mAP)^2 of their classes
+    class_balanced: float = 0.0  # > 0: repeat-factor sampling: classes in fewer than this fraction of images drawn more
     device: str = ""  # "cpu", "0", "0,1,2,3"; "" = first CUDA device if any, else CPU
     multi_scale: bool = False  # vary image size +/- 50% each batch
     single_cls: bool = False  # train multi-class data as one class
@@ -548,7 +551,15 @@ def check_train_config(config: TrainConfig) -> None:
         raise ConfigError(f"hyp.lr0 must be positive and hyp.lrf in (0, 1]; got lr0 {hyp.lr0}, lrf {hyp.lrf}")
     if hyp.warmup_epochs < 0:
         raise ConfigError(f"hyp.warmup_epochs: expected 0 or more, got {hyp.warmup_epochs}")
+    for key in ("drop_path", "dropout"):
+        if not 0.0 <= getattr(hyp, key) < 1.0:
+            raise ConfigError(f"hyp.{key}: a probability, expected a value in [0, 1), got {getattr(hyp, key)}")
     check_fitness_weights(config.fitness_weights)
+    if not 0.0 <= config.class_balanced <= 1.0:
+        raise ConfigError(f"--class-balanced: a fraction of the images in [0, 1], got {config.class_balanced}")
+    if config.class_balanced and (config.image_weights or config.rect):
+        other = "--image-weights" if config.image_weights else "--rect (its batches follow the image order)"
+        raise ConfigError(f"--class-balanced chooses which images are drawn; it cannot be combined with {other}")
 
 
 def check_fitness_weights(weights: tuple[float, ...]) -> None:

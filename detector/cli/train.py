@@ -116,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
         dest="image_weights",
         help="weighted image sampling by per-class mAP (default: False)",
     )
+    add(
+        "--class-balanced",
+        nargs="?",
+        const=0.1,
+        type=float,
+        dest="class_balanced",
+        metavar="T",
+        help="repeat-factor sampling (LVIS): images of classes found in fewer than a fraction T of the images are "
+        "drawn sqrt(T / fraction) times as often (bare flag: T 0.1) (default: off)",
+    )
     add("--device", type=str, help="cuda device, i.e. 0 or 0,1,2,3 or cpu; '' = CUDA 0 if present" + _default("device"))
     add(
         "--multi-scale",

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from detector.config import Hyperparameters
 from detector.data.dataset import SourceSpec, YOLODataset
-from detector.data.weights import labels_to_class_weights, labels_to_image_weights
+from detector.data.weights import labels_to_class_weights, labels_to_image_weights, repeat_factors
 
 LOGGER = logging.getLogger(__name__)
 
@@ -196,6 +196,7 @@ def create_dataloader(
     world_size: int | None = None,
     workers: int = 8,
     image_weights: bool = False,
+    class_balanced: float = 0.0,
     quad: bool = False,
     prefix: str = "",
     shuffle: bool = False,
@@ -211,6 +212,7 @@ def create_dataloader(
     ``rank`` >= 0 splits the images between DDP processes (``world_size`` defaults to torch.distributed's).
     ``batch_size`` is per process. Workers stay alive across epochs; memory is pinned when CUDA is present.
     ``image_weights`` starts from inverse class frequencies; update with ``loader.sampler.set_image_weights``.
+    ``class_balanced`` > 0 draws images by their repeat factors (:func:`~detector.data.weights.repeat_factors`).
     ``cache_dir`` (``--cache-dir``; None or "" = automatic) is where the label scan cache goes; see
     :func:`detector.data.scan.label_cache_path`.
     """
@@ -240,12 +242,16 @@ def create_dataloader(
     if world_size is None:
         distributed = rank >= 0 and torch.distributed.is_available() and torch.distributed.is_initialized()
         world_size = torch.distributed.get_world_size() if distributed else 1
+    if image_weights and class_balanced:
+        raise ValueError("image_weights and class_balanced are two sampling schemes; choose one")
     weights = None
+    largest_class = max((int(lb[:, 0].max()) for lb in dataset.labels if len(lb)), default=0)
+    class_count = dataset.num_classes if dataset.num_classes is not None else largest_class + 1
     if image_weights:
-        largest_class = max((int(lb[:, 0].max()) for lb in dataset.labels if len(lb)), default=0)
-        class_count = dataset.num_classes if dataset.num_classes is not None else largest_class + 1
         class_weights = labels_to_class_weights(dataset.labels, class_count).numpy()
         weights = labels_to_image_weights(dataset.labels, class_count, class_weights)
+    elif class_balanced:
+        weights = repeat_factors(dataset.labels, class_count, class_balanced)
     sampler = DetectionSampler(
         len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, image_weights=weights
     )

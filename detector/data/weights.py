@@ -46,6 +46,26 @@ def labels_to_image_weights(
     return per_image_counts @ weights
 
 
+def repeat_factors(labels: Sequence[np.ndarray], num_classes: int, threshold: float) -> np.ndarray:
+    """Per-image sampling weights (N,) float64: repeat-factor sampling (LVIS, Gupta et al. 2019; ``--class-balanced``).
+
+    A class found in a fraction ``f`` of the images gets the factor ``max(1, sqrt(threshold / f))``: classes in
+    fewer than ``threshold`` of the images are drawn more often, the others as usual. An image's factor is the
+    largest of its classes' factors; an image without objects keeps 1 (it is still drawn, unlike ``--image-weights``).
+    """
+    images_with = np.zeros(num_classes, np.float64)
+    image_classes = []
+    for image_labels in labels:
+        classes = np.unique(np.asarray(image_labels)[:, 0].astype(np.int64)) if len(image_labels) else np.array([], int)
+        classes = classes[classes < num_classes]
+        images_with[classes] += 1
+        image_classes.append(classes)
+    fraction = images_with / max(len(labels), 1)
+    with np.errstate(divide="ignore"):
+        class_factors = np.maximum(1.0, np.sqrt(threshold / fraction))  # a class in no image: never looked up
+    return np.array([class_factors[classes].max(initial=1.0) for classes in image_classes], np.float64)
+
+
 def reweight_by_map(class_weights: np.ndarray, maps: np.ndarray) -> np.ndarray:
     """Class weights after a validation: ``class_weights * (1 - per-class mAP)^2 / num_classes``.
 

@@ -76,6 +76,7 @@ from detector.errors import CheckpointError, ConfigError
 from detector.models.autoanchor import check_anchors
 from detector.models.loading import load_model, model_from_checkpoint
 from detector.models.loss import DetectionLoss, LossFunction, initialize_focal_biases, scale_loss_gains
+from detector.models.regularization import set_head_dropout, set_stochastic_depth
 from detector.models.yolo import DetectionModel
 from detector.ops.metrics import Metrics
 from detector.utils.checkpoint import load_checkpoint
@@ -360,6 +361,7 @@ class Trainer:
             rank=self.context.rank if self.context.is_distributed else -1,
             world_size=self.context.world_size,
             image_weights=config.image_weights,
+            class_balanced=config.class_balanced,
             quad=config.quad,
             prefix="train: ",
             shuffle=not config.rect,
@@ -434,6 +436,10 @@ class Trainer:
     def _adopt_model(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device, memory_format=self.memory_format)
         model.names = list(self.names)
+        hyp = self.config.hyp
+        if hyp.drop_path or hyp.dropout:  # training-only modules: eval mode, checkpoints and exports never see them
+            set_stochastic_depth(model, hyp.drop_path)
+            set_head_dropout(model, hyp.dropout)
         return model
 
     def _resolve_batch_size(self) -> None:

@@ -147,10 +147,11 @@ class Bottleneck(nn.Module):
         self.cv1 = Conv(in_channels, hidden, 1, 1, activation=activation)
         self.cv2 = Conv(hidden, out_channels, 3, 1, groups=groups, activation=activation)
         self.add = shortcut and in_channels == out_channels
+        self.drop_path: nn.Module = nn.Identity()  # stochastic depth (detector.models.regularization); no weights
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.cv2(self.cv1(x))
-        return x + y if self.add else y
+        return x + self.drop_path(y) if self.add else y
 
 
 @register

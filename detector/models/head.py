@@ -70,6 +70,7 @@ class Detect(nn.Module):
         self.register_buffer("anchors", anchor_pixels)
         self.register_buffer("stride", torch.zeros(self.nl))
         self.m = nn.ModuleList(nn.Conv2d(channels, self.no * self.na, 1) for channels in in_channels)
+        self.dropout: nn.Module = nn.Identity()  # on the features, while training (detector.models.regularization)
         self.export = False
         self._grid_cache: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
 
@@ -77,7 +78,7 @@ class Detect(nn.Module):
         """Raw maps: level i (B, C_i, H_i, W_i) -> (B, na, H_i, W_i, 5 + nc), no activation applied."""
         raw = []
         for conv, feature in zip(self.m, features, strict=True):
-            y = conv(feature)
+            y = conv(self.dropout(feature))
             batch, _, height, width = y.shape
             raw.append(y.view(batch, self.na, self.no, height, width).permute(0, 1, 3, 4, 2).contiguous())
         return raw

@@ -229,3 +229,15 @@ def test_readme_starts_with_the_two_fresh_machine_commands() -> None:
         'pip install -e ".[dev]" && python train.py',
         'pip install -e ".[dev]" && pytest -q',
     ]
+
+
+def test_class_balanced_is_a_fraction_and_one_sampling_scheme():
+    from detector.config import check_train_config
+
+    check_train_config(TrainConfig(class_balanced=0.1))
+    with pytest.raises(ConfigError, match=r"--class-balanced: a fraction of the images in \[0, 1\], got 2.0"):
+        check_train_config(TrainConfig(class_balanced=2.0))
+    with pytest.raises(ConfigError, match="cannot be combined with --image-weights"):
+        check_train_config(TrainConfig(class_balanced=0.1, image_weights=True))
+    with pytest.raises(ConfigError, match="cannot be combined with --rect"):
+        check_train_config(TrainConfig(class_balanced=0.1, rect=True))

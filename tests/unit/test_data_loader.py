@@ -16,6 +16,7 @@ from detector.data.weights import (
     class_counts,
     labels_to_class_weights,
     labels_to_image_weights,
+    repeat_factors,
     reweight_by_map,
 )
 
@@ -127,6 +128,41 @@ def test_class_and_image_weights_hand_computed() -> None:
     torch.testing.assert_close(labels_to_class_weights(labels, 3), torch.tensor([0.2, 0.4, 0.4]))
     np.testing.assert_allclose(labels_to_image_weights(labels, 3, np.array([0.2, 0.4, 0.4])), [0.4, 0.4, 0.0])
     np.testing.assert_allclose(reweight_by_map(np.array([0.3, 0.6]), np.array([0.5, 1.0])), [0.0375, 0.0])
+
+
+def test_repeat_factors_hand_computed() -> None:
+    """LVIS's repeat factors: class c in a fraction f(c) of the images -> max(1, sqrt(t / f(c))); an image takes
+    its classes' largest factor, 1 without objects."""
+    box = [0.5, 0.5, 0.1, 0.1]
+    labels = [
+        np.array([[0, *box], [0, *box]]),  # class 0 twice: counted once for this image
+        np.array([[0, *box]]),
+        np.array([[0, *box], [1, *box]]),
+        np.zeros((0, 5)),
+    ]
+    # f(0) = 3/4 -> max(1, sqrt(0.5 / 0.75)) = 1; f(1) = 1/4 -> sqrt(0.5 / 0.25) = sqrt(2); class 2: in no image
+    np.testing.assert_allclose(repeat_factors(labels, 3, threshold=0.5), [1, 1, np.sqrt(2), 1])
+    np.testing.assert_allclose(repeat_factors(labels, 3, threshold=0.1), [1, 1, 1, 1])  # no class below 10%
+
+
+def test_class_balanced_sampling_draws_rare_class_images_by_their_repeat_factor(tmp_path: Path) -> None:
+    images = make_dataset(tmp_path, count=6)  # every image has two of the 3 classes
+    for index in range(4):  # the first 4 images become class 0 only; images 4 and 5 keep class 1 or 2
+        (tmp_path / "labels" / f"{index}.txt").write_text("0 0.5 0.5 0.4 0.4\n")
+    loader, dataset = create_dataloader(images, imgsz=64, batch_size=2, workers=0, shuffle=True, class_balanced=0.5,
+                                        num_classes=3)  # fmt: skip
+    # image 4 has classes 1 and 2, image 5 classes 2 and 0: f(0) = 5/6, f(1) = 1/6, f(2) = 2/6 of the images
+    # -> factors 1, sqrt(0.5 * 6), sqrt(0.5 * 3); image 4 takes class 1's, image 5 class 2's
+    factors = np.array([1, 1, 1, 1, np.sqrt(3.0), np.sqrt(1.5)])
+    np.testing.assert_allclose(repeat_factors(dataset.labels, 3, 0.5), factors)
+    drawn = []
+    for epoch in range(300):
+        loader.sampler.set_epoch(epoch)
+        drawn.extend(index for index, _ in loader.sampler)
+    frequencies = np.bincount(drawn, minlength=6) / len(drawn)
+    np.testing.assert_allclose(frequencies, factors / factors.sum(), atol=0.02)
+    with pytest.raises(ValueError, match="choose one"):
+        create_dataloader(images, imgsz=64, batch_size=2, workers=0, image_weights=True, class_balanced=0.5)
 
 
 def test_worker_count_is_capped() -> None:

@@ -45,6 +45,8 @@ EXPECTED_DEFAULT = {
     "copy_paste": (0.0, 1.0, "linear", None),
     "cutout": (0.0, 1.0, "linear", None),
     "albumentations": (0.0, 1.0, "linear", None),
+    "drop_path": (0.0, 0.3, "linear", None),
+    "dropout": (0.0, 0.5, "linear", None),
 }
 
 
@@ -70,6 +72,8 @@ def test_default_hyp_evolves_its_nonzero_keys_except_the_frozen_ones():
         "copy_paste",
         "cutout",
         "albumentations",
+        "drop_path",
+        "dropout",
     }
     expected = tuple(key for key in EXPECTED_DEFAULT if key not in zero | {"iou_t"})
     assert space.evolved_keys(start) == expected
