@@ -29,18 +29,25 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 
+def resident_memory_bytes() -> int | None:
+    """This process's current resident memory in bytes (Linux /proc), None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def memory_usage(device: torch.device) -> str:
     """CUDA memory reserved on ``device``, or this process's resident memory on CPU, e.g. '1.23G'."""
     if device.type == "cuda":
         return f"{torch.cuda.memory_reserved(device) / 2**30:.3g}G"
-    try:
-        with open("/proc/self/statm") as f:
-            resident_pages = int(f.read().split()[1])
-        return f"{resident_pages * os.sysconf('SC_PAGE_SIZE') / 2**30:.3g}G"
-    except (OSError, ValueError, IndexError):
-        import resource  # lazy import: fallback where /proc is absent (macOS); peak, not current
+    resident = resident_memory_bytes()
+    if resident is not None:
+        return f"{resident / 2**30:.3g}G"
+    import resource  # lazy import: fallback where /proc is absent (macOS); peak, not current
 
-        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3g}G"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3g}G"
 
 
 # --------------------------------------------------------------------------------------------------------------------

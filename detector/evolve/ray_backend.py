@@ -42,7 +42,7 @@ import numpy as np
 
 from detector.config import TrainConfig
 from detector.errors import ConfigError
-from detector.evolve.records import TrialOutcome
+from detector.evolve.records import TrialOutcome, validation_results
 from detector.evolve.strategies import round_significant
 
 if TYPE_CHECKING:
@@ -339,7 +339,7 @@ def completed_outcome(
         index=int(config[INDEX_KEY]),
         generation=generation,
         hyp=trial_hyp(config, keys),
-        metrics={key: float(value) for key, value in result.items() if key.startswith(("metrics/", "val/"))},
+        metrics=validation_results(result),
         fitness=float(result.get(METRIC, 0.0)),
         seconds=float(result.get("time_total_s", 0.0)),
         epochs=int(result.get(TIME_ATTR, 0)),

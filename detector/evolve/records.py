@@ -15,6 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -52,6 +53,12 @@ class TrialOutcome:
 
     def record(self) -> TrialRecord:
         return TrialRecord(self.index, self.generation, self.fitness, dict(self.hyp), self.status)
+
+
+def validation_results(row: Mapping[str, Any]) -> dict[str, float]:
+    """The validation figures of a results row (a results.csv row, a trial's report): the ``metrics/`` and ``val/``
+    columns, the ones evolve.csv keeps."""
+    return {key: float(value) for key, value in row.items() if key.startswith(("metrics/", "val/"))}
 
 
 class EvolveTable:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shlex
 import shutil
 import sys
@@ -45,7 +44,7 @@ from detector.config import (
 )
 from detector.engine.callbacks import Callback, Callbacks
 from detector.engine.hooks import EarlyStopping, EMAHook, LRScheduleHook, ValidationHook
-from detector.engine.loggers import ConsoleLogger, CSVLogger
+from detector.engine.loggers import ConsoleLogger, CSVLogger, resident_memory_bytes
 from detector.engine.trainer import Trainer, release_memory
 from detector.errors import ConfigError
 from detector.evolve.records import (
@@ -54,6 +53,7 @@ from detector.evolve.records import (
     fitness_formula,
     plot_evolution,
     summary_lines,
+    validation_results,
     write_best_hyp,
 )
 from detector.evolve.space import SearchSpace
@@ -200,17 +200,7 @@ class ReportFitness(Callback):
 
 def result_metrics(trainer: Trainer) -> dict[str, float]:
     """The epoch's validation results, keyed by results.csv's columns (metrics/mAP_0.5, val/box_loss, ...)."""
-    row = trainer.epoch_record.as_row()
-    return {key: float(value) for key, value in row.items() if key.startswith(("metrics/", "val/"))}
-
-
-def resident_memory_mb() -> float:
-    """This process's resident memory in MB (Linux /proc; 0 where it cannot be read)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-    except (OSError, ValueError, IndexError):
-        return 0.0
+    return validation_results(trainer.epoch_record.as_row())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -275,11 +265,9 @@ class EvolveRun:
             return cls._reopen(save_dir, train_flags, evolve_fields, command, source)
         hyp = train_flags.get("hyp")
         hyp_source = str(hyp) if isinstance(hyp, (str, Path)) and hyp else "the default hyperparameters"
-        run = cls(Path("."), train_config, evolve_options, space, command, hyp_source)  # checks starts vs the space
-        run.save_dir = increment_path(save_dir, exist_ok=train_config.exist_ok)
-        run.table = EvolveTable(run.save_dir / "evolve.csv", hyp_keys=list(run.start))
-        run.history = run.table.records()
-        run._save_settings()
+        save_dir = increment_path(save_dir, exist_ok=train_config.exist_ok, mkdir=False)
+        run = cls(save_dir, train_config, evolve_options, space, command, hyp_source)  # checks starts vs the space
+        run._save_settings()  # the folder is made here, with its first file
         LOGGER.info("Evolve: %d trials of %s into %s", evolve_options.trials, evolve_options.strategy, run.save_dir)
         return run
 
@@ -335,7 +323,7 @@ class EvolveRun:
         }
         text = yaml.safe_dump(settings, sort_keys=False)
         atomic_write(self.save_dir / "evolve.yaml", lambda f: f.write(text.encode("utf-8")))
-        space_text = yaml.safe_dump({k: _dimension_dict(d) for k, d in self.space.dimensions.items()}, sort_keys=False)
+        space_text = yaml.safe_dump(self.space.as_dict(), sort_keys=False)
         header = f"# the search space of this evolution, from {self.space.source}\n"
         atomic_write(self.save_dir / "space.yaml", lambda f: f.write((header + space_text).encode("utf-8")))
 
@@ -392,7 +380,7 @@ class EvolveRun:
             best.index,
             len(self.history),
             self.options.trials,
-            resident_memory_mb(),
+            (resident_memory_bytes() or 0) / 1e6,
         )
 
     def write_best(self) -> dict[str, str] | None:
@@ -455,10 +443,3 @@ def _differences(saved: Any, given: Any, allowed: Sequence[str]) -> list[str]:
         for key in saved_values
         if key not in allowed and saved_values[key] != given_values[key]
     ]
-
-
-def _dimension_dict(dimension: Any) -> dict[str, Any]:
-    values = {"low": dimension.low, "high": dimension.high, "scale": dimension.scale}
-    if dimension.evolve is not None:
-        values["evolve"] = dimension.evolve
-    return values

@@ -110,6 +110,16 @@ class SearchSpace:
         dims = self.dimensions
         return {key: dims[key].clip(value) if key in dims else value for key, value in hyp.items()}
 
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """The space in its YAML form (what :meth:`load` reads back): per key low, high, scale, and evolve when
+        it is forced."""
+        entries = {}
+        for key, dim in self.dimensions.items():
+            entries[key] = {"low": dim.low, "high": dim.high, "scale": dim.scale}
+            if dim.evolve is not None:
+                entries[key]["evolve"] = dim.evolve
+        return entries
+
 
 def _start_value(start: Mapping[str, float], key: str) -> float:
     """``start[key]``, or the Hyperparameters default when a (partial) starting hyp lacks the key."""

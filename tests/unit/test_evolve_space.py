@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 import pytest
+import yaml
 
 from detector.config import HYP_CONFIG_DIR, Hyperparameters, load_hyp
 from detector.errors import ConfigError
@@ -172,3 +173,10 @@ def test_log_positions_move_by_ratios():
     log = Dimension("lr0", 1e-5, 0.1, "log")
     ratios = [log.from_unit(p + 0.1) / log.from_unit(p) for p in (0.1, 0.4, 0.8)]
     assert ratios == pytest.approx([math.pow(1e4, 0.1)] * 3)
+
+
+def test_as_dict_is_what_load_reads_back(tmp_path):
+    space = SearchSpace.load()
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space.as_dict(), sort_keys=False))
+    assert SearchSpace.load(path).dimensions == space.dimensions  # a resumed search's space.yaml is the same space
