@@ -4,11 +4,11 @@ Every transform is a small class with ``__call__(sample, rng) -> Sample``: it ta
 explicit ``np.random.Generator`` and returns a new Sample, so a seed reproduces the augmentation exactly and a
 transform can be tested alone. The training order is written once, in :func:`build_train_transforms`:
 
-    mosaic (4 or 9 images) -> copy-paste -> random perspective -> mixup -> cutout -> albumentations -> HSV -> flips
+    mosaic (4 or 9 images) -> copy-paste -> random perspective -> auto-augment policy -> mixup -> cutmix -> cutout
+    -> gridmask -> albumentations -> HSV -> flips
 
-Adding an augmentation (CutMix, TrivialAugment, ...) is one new class here plus one line in that function.
-Steps that need other images (mosaic, copy-paste, mixup) receive a :class:`SampleSource` and draw their own extra
-indices.
+Adding an augmentation is one new class here plus one line in that function. Steps that need other images
+(mosaic, copy-paste, mixup, cutmix) receive a :class:`SampleSource` and draw their own extra indices.
 
 Images are OpenCV's (H, W, 3) uint8 BGR arrays all the way through; boxes are xyxy pixels of that image.
 """
@@ -135,6 +135,16 @@ def letterbox_sample(sample: Sample, new_shape: tuple[int, int], *, scaleup: boo
     return Sample(image, boxes, sample.classes), info
 
 
+def _load_donor(source: SampleSource, index: int, shape: tuple[int, int], *, rect: bool) -> Sample:
+    """Image ``index`` of ``source`` for a mixing step: as stored (square training, where the geometry step fixes
+    the shape) or, under rectangular training, letterboxed to ``shape`` (height, width), the sample's own."""
+    donor = source.load_sample(index)
+    if not rect:
+        return donor
+    # scaleup=True as the dataset letterboxes augmented rect samples: the donor's objects get the sample's scale.
+    return letterbox_sample(donor, shape, scaleup=True)[0]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Composition
 
@@ -155,22 +165,30 @@ class Compose:
 
 
 def build_train_transforms(
-    hyp: Hyperparameters, imgsz: int, source: SampleSource | None = None, *, rect: bool = False
+    hyp: Hyperparameters,
+    imgsz: int,
+    source: SampleSource | None = None,
+    *,
+    rect: bool = False,
+    auto_augment: str = "",
 ) -> Compose:
     """The training augmentation, in order, driven by YOLOv5's hyperparameter keys.
 
-    With a ``source`` (square training), samples arrive resized (long side ``imgsz``) and leave ``imgsz`` square:
-    mosaic builds a 2x canvas and the perspective step crops it back. With ``rect=True`` (rectangular batches,
-    no source) samples arrive already letterboxed to their batch shape, which every step keeps.
+    Square training (``rect=False``): samples arrive resized (long side ``imgsz``) and leave ``imgsz`` square;
+    mosaic builds a 2x canvas and the perspective step crops it back. Rectangular batches (``rect=True``): samples
+    arrive already letterboxed to their batch shape, which every step keeps; mosaic is off (it would change the
+    shape), and the mixing steps letterbox each image they draw from ``source`` to the sample's shape first.
+    Steps that draw other images (mosaic, copy-paste, mixup, cutmix) exist only with a ``source``.
+    ``auto_augment`` names a policy of :func:`detector.data.policies.build_auto_augment` ("" = none), applied
+    after the geometry so that it sees the final framing.
     """
     output_shape = None if rect else (imgsz, imgsz)
-    square = source is not None and not rect
-    if hyp.copy_paste > 0 and not square:
-        LOGGER.info("copy_paste=%g ignored: it needs square training batches (no --rect)", hyp.copy_paste)
+    mosaic = source is not None and not rect and hyp.mosaic > 0
+    mixing = source is not None
     geometry = Compose(
         [
-            *([Mosaic(source, imgsz, hyp.mosaic, hyp.mosaic9)] if square else []),
-            *([CopyPaste(source, hyp.copy_paste)] if square and hyp.copy_paste > 0 else []),
+            *([Mosaic(source, imgsz, hyp.mosaic, hyp.mosaic9)] if mosaic else []),
+            *([CopyPaste(source, hyp.copy_paste, rect=rect)] if mixing and hyp.copy_paste > 0 else []),
             RandomPerspective(
                 output_shape,
                 degrees=hyp.degrees,
@@ -181,11 +199,24 @@ def build_train_transforms(
             ),
         ]
     )
+    policy: list[Transform] = []
+    if auto_augment:
+        # Imported here: only a run that asks for a policy loads the policies module.
+        from detector.data.policies import build_auto_augment
+
+        policy.append(build_auto_augment(auto_augment))
     return Compose(
         [
             geometry,
-            *([MixUp(source, geometry, hyp.mixup)] if square and hyp.mixup > 0 else []),
+            *policy,
+            *([MixUp(source, geometry, hyp.mixup, rect=rect)] if mixing and hyp.mixup > 0 else []),
+            *(
+                [CutMix(source, geometry, hyp.cutmix, hyp.min_visibility, rect=rect)]
+                if mixing and hyp.cutmix > 0
+                else []
+            ),
             *([Cutout(hyp.cutout)] if hyp.cutout > 0 else []),
+            *([GridMask(hyp.gridmask, hyp.min_visibility)] if hyp.gridmask > 0 else []),
             *([Albumentations(hyp.albumentations)] if hyp.albumentations > 0 else []),
             RandomHSV(hyp.hsv_h, hyp.hsv_s, hyp.hsv_v),
             RandomFlip("vertical", hyp.flipud),
@@ -458,19 +489,32 @@ class CopyPaste:
     of some box's area (see :func:`paste_objects`). YOLOv5 instead pastes a mirrored copy of the canvas's own
     objects; drawing a donor image brings objects from outside the mosaic. Placed right after mosaic, on the
     mosaic canvas, so the perspective step then transforms original and pasted objects alike (YOLOv5's order).
+    With ``rect=True`` (rectangular batches, no mosaic) the donor is first letterboxed to the sample's shape, so
+    its objects have the scale of the sample's own.
     """
 
-    def __init__(self, source: SampleSource, probability: float, max_covered: float = COPY_PASTE_MAX_COVERED) -> None:
+    def __init__(
+        self,
+        source: SampleSource,
+        probability: float,
+        max_covered: float = COPY_PASTE_MAX_COVERED,
+        *,
+        rect: bool = False,
+    ) -> None:
         self.source = source
         self.probability = probability
         self.max_covered = max_covered
+        self.rect = rect
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         if self.probability <= 0 or rng.random() >= self.probability:
             return sample
         index = int(rng.integers(0, len(self.source)))
-        objects = cut_objects(self.source.load_sample(index), self.source.load_polygons(index))
+        donor, polygons = self.source.load_sample(index), self.source.load_polygons(index)
         height, width = sample.image.shape[:2]
+        if self.rect:
+            donor, polygons = _letterbox_with_polygons(donor, polygons, (height, width))
+        objects = cut_objects(donor, polygons)
         fitting = [o for o in objects if o.patch.shape[0] <= height and o.patch.shape[1] <= width]
         positions = [
             (int(rng.integers(0, width - o.patch.shape[1] + 1)), int(rng.integers(0, height - o.patch.shape[0] + 1)))
@@ -479,7 +523,21 @@ class CopyPaste:
         return paste_objects(sample, fitting, positions, max_covered=self.max_covered)
 
     def __repr__(self) -> str:
-        return f"CopyPaste(p={self.probability}, max_covered={self.max_covered})"
+        return f"CopyPaste(p={self.probability}, max_covered={self.max_covered}, rect={self.rect})"
+
+
+def _letterbox_with_polygons(
+    donor: Sample, polygons_xyn: Sequence[np.ndarray | None], shape: tuple[int, int]
+) -> tuple[Sample, list[np.ndarray | None]]:
+    """A donor letterboxed to ``shape`` (rect training, see :func:`_load_donor`), with its normalised outlines
+    moved along: they are normalised to the image, whose size and padding change."""
+    height, width = donor.image.shape[:2]
+    fitted, info = letterbox_sample(donor, shape, scaleup=True)
+    new_h, new_w = shape
+    gain = np.array([width * info.ratio[1] / new_w, height * info.ratio[0] / new_h], np.float32)
+    shift = np.array([info.pad[0] / new_w, info.pad[1] / new_h], np.float32)
+    moved = [None if polygon is None else (polygon * gain + shift).astype(np.float32) for polygon in polygons_xyn]
+    return fitted, moved
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -695,20 +753,21 @@ class MixUp:
     """With a probability, blend the sample with another from ``source`` that went through ``geometry`` too.
 
     The blend ratio is drawn from beta(32, 32) (mixup paper, https://arxiv.org/abs/1710.09412); the boxes
-    of both images are kept. Both images have the same shape because ``geometry`` fixes the output size.
+    of both images are kept. Both images have the same shape: in square training ``geometry`` fixes the output
+    size; with ``rect=True`` the other image is letterboxed to the sample's shape before ``geometry``, which then
+    keeps it.
     """
 
-    def __init__(self, source: SampleSource, geometry: Transform, probability: float) -> None:
+    def __init__(self, source: SampleSource, geometry: Transform, probability: float, *, rect: bool = False) -> None:
         self.source = source
         self.geometry = geometry
         self.probability = probability
+        self.rect = rect
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         if self.probability <= 0 or rng.random() >= self.probability:
             return sample
-        other = self.geometry(self.source.load_sample(int(rng.integers(0, len(self.source)))), rng)
-        if other.image.shape != sample.image.shape:  # only when the geometry keeps input shapes (rect)
-            return sample
+        other = _mixing_donor(self, sample, rng)
         ratio = float(rng.beta(32.0, 32.0))
         image = cv2.addWeighted(sample.image, ratio, other.image, 1 - ratio, 0.0)
         return Sample(
@@ -718,7 +777,146 @@ class MixUp:
         )
 
     def __repr__(self) -> str:
-        return f"MixUp(p={self.probability})"
+        return f"MixUp(p={self.probability}, rect={self.rect})"
+
+
+def _mixing_donor(step: MixUp | CutMix, sample: Sample, rng: np.random.Generator) -> Sample:
+    """A random image of ``step.source`` through ``step.geometry``, in ``sample``'s shape (see :func:`_load_donor`)."""
+    index = int(rng.integers(0, len(step.source)))
+    shape = sample.image.shape[:2]
+    donor = step.geometry(_load_donor(step.source, index, shape, rect=step.rect), rng)
+    if donor.image.shape != sample.image.shape:
+        raise ValueError(
+            f"{type(step).__name__}: the other image came out {donor.image.shape}, the sample is "
+            f"{sample.image.shape}; under rectangular batches build it with rect=True so the image is letterboxed "
+            "to the sample's shape"
+        )
+    return donor
+
+
+class CutMix:
+    """With a probability, paste a random rectangle of another image from ``source`` into the sample (CutMix).
+
+    Yun et al. 2019 (https://arxiv.org/abs/1905.04899) draw the rectangle's area fraction uniformly in [0, 1]
+    (lambda ~ beta(1, 1)), give it the image's aspect ratio and a uniformly random centre, and clip it to the
+    image; :meth:`random_region` does that in whole pixels. For detection the labels follow the pixels instead of
+    a mixed class target: see :func:`cutmix`, with ``min_visibility`` deciding which partly hidden boxes stay.
+    The other image goes through ``geometry`` first (mosaic, copy-paste, perspective), as in :class:`MixUp`, and
+    with ``rect=True`` is letterboxed to the sample's shape before that.
+    """
+
+    def __init__(
+        self,
+        source: SampleSource,
+        geometry: Transform,
+        probability: float,
+        min_visibility: float = 0.3,
+        *,
+        rect: bool = False,
+    ) -> None:
+        self.source = source
+        self.geometry = geometry
+        self.probability = probability
+        self.min_visibility = min_visibility
+        self.rect = rect
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if self.probability <= 0 or rng.random() >= self.probability:
+            return sample
+        donor = _mixing_donor(self, sample, rng)
+        region = self.random_region(sample.image.shape[:2], rng)
+        return cutmix(sample, donor, region, self.min_visibility)
+
+    @staticmethod
+    def random_region(shape: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """A CutMix rectangle (x1, y1, x2, y2) in whole pixels of an image of ``shape`` (height, width)."""
+        height, width = shape
+        side = math.sqrt(rng.uniform(0.0, 1.0))  # area fraction uniform, so each side scales by its square root
+        centre_x, centre_y = rng.uniform(0.0, width), rng.uniform(0.0, height)
+        half_w, half_h = width * side / 2, height * side / 2
+        x1, x2 = (min(max(round(v), 0), width) for v in (centre_x - half_w, centre_x + half_w))
+        y1, y2 = (min(max(round(v), 0), height) for v in (centre_y - half_h, centre_y + half_h))
+        return x1, y1, x2, y2
+
+    def __repr__(self) -> str:
+        return f"CutMix(p={self.probability}, min_visibility={self.min_visibility}, rect={self.rect})"
+
+
+def cutmix(
+    sample: Sample, donor: Sample, region_xyxy: tuple[int, int, int, int], min_visibility: float = 0.3
+) -> Sample:
+    """Deterministic CutMix: ``donor``'s pixels inside ``region_xyxy`` (whole pixels, end exclusive) replace the
+    sample's, and the boxes of both follow what stays visible.
+
+    The sample's boxes lose the part under the region: a box whose visible area is below ``min_visibility`` of its
+    area is dropped; when the region cuts off one whole side of a box (it spans the box across, and the visible
+    remainder is a rectangle) the box shrinks to that remainder; otherwise (a corner or a band through the middle
+    hidden) the box stays as it is, since its visible part still reaches all four sides. The donor's boxes are
+    clipped to the region and kept when the clipped box keeps at least ``min_visibility`` of the area. Both images
+    must have the same shape; neither is modified.
+    """
+    if donor.image.shape != sample.image.shape:
+        raise ValueError(f"cutmix: donor image {donor.image.shape} must have the sample's shape {sample.image.shape}")
+    height, width = sample.image.shape[:2]
+    x1, y1, x2, y2 = (int(v) for v in region_xyxy)
+    if not (0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height):
+        raise ValueError(
+            f"cutmix: region {region_xyxy} must satisfy 0 <= x1 <= x2 <= {width}, 0 <= y1 <= y2 <= {height}"
+        )
+    if x2 == x1 or y2 == y1:
+        return sample
+    image = sample.image.copy()
+    image[y1:y2, x1:x2] = donor.image[y1:y2, x1:x2]
+    region = np.array([x1, y1, x2, y2], np.float64)
+
+    # float64 and a division: a box exactly at min_visibility (e.g. 30 of 100 px at 0.3) must be kept.
+    own = sample.boxes_xyxy.astype(np.float64)
+    own_area = (own[:, 2] - own[:, 0]) * (own[:, 3] - own[:, 1])
+    visible = own_area - _intersection_areas(own, region)
+    own_keep = _fraction_at_least(visible, own_area, min_visibility)
+    own = _cut_off_sides(own, region)
+
+    theirs = donor.boxes_xyxy.astype(np.float64)
+    their_area = (theirs[:, 2] - theirs[:, 0]) * (theirs[:, 3] - theirs[:, 1])
+    clipped = np.concatenate([np.maximum(theirs[:, :2], region[:2]), np.minimum(theirs[:, 2:], region[2:])], axis=1)
+    clipped_w, clipped_h = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
+    their_keep = (clipped_w > 0) & (clipped_h > 0)
+    their_keep &= _fraction_at_least(
+        np.clip(clipped_w, 0, None) * np.clip(clipped_h, 0, None), their_area, min_visibility
+    )
+    return Sample(
+        image,
+        np.concatenate([own[own_keep], clipped[their_keep]]).astype(np.float32),
+        np.concatenate([sample.classes[own_keep], donor.classes[their_keep]]),
+    )
+
+
+def _fraction_at_least(part: np.ndarray, whole: np.ndarray, minimum: float) -> np.ndarray:
+    """``part / whole >= minimum`` with ``part > 0``; an empty ``whole`` (a degenerate box) counts as 0."""
+    fraction = np.divide(part, whole, out=np.zeros_like(part, dtype=np.float64), where=whole > 0)
+    return (fraction >= minimum) & (part > 0)
+
+
+def _cut_off_sides(boxes_xyxy: np.ndarray, region_xyxy: np.ndarray) -> np.ndarray:
+    """Boxes (N, 4) shrunk to their visible part where ``region_xyxy`` hides one whole side of them.
+
+    The region hides the left side of a box when it spans the box from top to bottom and covers its left edge but
+    not its right one; then the visible part is the rectangle right of the region. Likewise for the other sides.
+    """
+    rx1, ry1, rx2, ry2 = region_xyxy
+    x1, y1, x2, y2 = boxes_xyxy.T
+    spans_height = (ry1 <= y1) & (ry2 >= y2)
+    spans_width = (rx1 <= x1) & (rx2 >= x2)
+    out = boxes_xyxy.copy()
+    left = spans_height & (rx1 <= x1) & (x1 < rx2) & (rx2 < x2)
+    right = spans_height & (x1 < rx1) & (rx1 < x2) & (x2 <= rx2)
+    top = spans_width & (ry1 <= y1) & (y1 < ry2) & (ry2 < y2)
+    bottom = spans_width & (y1 < ry1) & (ry1 < y2) & (y2 <= ry2)
+    out[left, 0] = rx2
+    out[right, 2] = rx1
+    out[top, 1] = ry2
+    out[bottom, 3] = ry1
+    return out
 
 
 class Cutout:
@@ -757,6 +955,103 @@ class Cutout:
 
     def __repr__(self) -> str:
         return f"Cutout(p={self.probability})"
+
+
+class GridMask:
+    """With a probability, erase a regular grid of squares to grey (GridMask, Chen et al. 2020).
+
+    https://arxiv.org/abs/2001.04086: the image is tiled into square units of side ``d`` and a square of side
+    ``(1 - ratio) * d`` is erased at the same place in every unit, so a fraction ``1 - (1 - ratio)**2`` of the pixels
+    stays (0.84 at the paper's ratio 0.6). Unlike cutout's few large patches, a spread-out grid rarely hides a whole
+    object yet removes parts of most, so the model must recognise objects from fragments. ``d`` is drawn uniformly
+    (whole pixels) between ``unit_range`` times the image's short side, and the grid is shifted by a random offset in
+    [0, d) on each axis. The paper's random rotation of the grid is left out: axis-aligned squares keep the count of
+    erased pixels per box exact (see :func:`gridmask`), which decides the boxes dropped at ``min_visibility``.
+    Erased pixels take the letterbox grey (``PAD_VALUE``), a colour the network already reads as "no content".
+    """
+
+    def __init__(
+        self,
+        probability: float,
+        min_visibility: float = 0.3,
+        *,
+        ratio: float = 0.6,
+        unit_range: tuple[float, float] = (0.1, 0.5),
+    ) -> None:
+        if not 0.0 < ratio < 1.0:
+            raise ValueError(f"GridMask ratio is the kept fraction of a unit's side, expected (0, 1), got {ratio}")
+        if not 0.0 < unit_range[0] <= unit_range[1]:
+            raise ValueError(
+                f"GridMask unit_range: expected 0 < low <= high (fractions of the short side), got {unit_range}"
+            )
+        self.probability = probability
+        self.min_visibility = min_visibility
+        self.ratio = ratio
+        self.unit_range = unit_range
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if self.probability <= 0 or rng.random() >= self.probability:
+            return sample
+        height, width = sample.image.shape[:2]
+        short_side = min(height, width)
+        # A unit of at least 2 px leaves room for an erased square and a kept band.
+        low = max(2, round(self.unit_range[0] * short_side))
+        high = max(low, round(self.unit_range[1] * short_side))
+        unit = int(rng.integers(low, high + 1))
+        erase_size = min(max(1, round((1.0 - self.ratio) * unit)), unit - 1)
+        offset = (int(rng.integers(0, unit)), int(rng.integers(0, unit)))
+        mask = grid_erase_mask((height, width), unit=unit, erase_size=erase_size, offset=offset)
+        return gridmask(sample, mask, self.min_visibility)
+
+    def __repr__(self) -> str:
+        return (
+            f"GridMask(p={self.probability}, min_visibility={self.min_visibility}, ratio={self.ratio}, "
+            f"unit_range={self.unit_range})"
+        )
+
+
+def grid_erase_mask(
+    shape: tuple[int, int], *, unit: int, erase_size: int, offset: tuple[int, int] = (0, 0)
+) -> np.ndarray:
+    """(height, width) bool mask, True where GridMask erases: pixel (x, y) is erased when both
+    ``(x - offset_x) mod unit`` and ``(y - offset_y) mod unit`` are below ``erase_size``.
+
+    So squares of ``erase_size`` px, one per ``unit`` x ``unit`` tile, the first starting at ``offset`` (x, y);
+    squares cut by the image border are partly erased.
+    """
+    if not 0 < erase_size <= unit:
+        raise ValueError(f"grid_erase_mask: expected 0 < erase_size <= unit, got erase_size={erase_size}, unit={unit}")
+    height, width = shape
+    columns = (np.arange(width) - offset[0]) % unit < erase_size
+    rows = (np.arange(height) - offset[1]) % unit < erase_size
+    return rows[:, None] & columns[None, :]
+
+
+def gridmask(sample: Sample, erase_mask: np.ndarray, min_visibility: float = 0.3) -> Sample:
+    """Deterministic GridMask: paint the pixels of ``erase_mask`` (H, W) bool grey and drop the boxes left less
+    than ``min_visibility`` visible.
+
+    A box's visibility is the fraction of the pixels it touches (its corners rounded outwards) that are not erased,
+    counted in O(1) per box from an integral image of the mask. Boxes are not moved: an erased grid never removes
+    a whole side of a box. The input image is not modified.
+    """
+    height, width = sample.image.shape[:2]
+    if erase_mask.shape != (height, width):
+        raise ValueError(f"gridmask: mask {erase_mask.shape} must match the image's (height, width) {(height, width)}")
+    image = sample.image.copy()
+    image[erase_mask] = PAD_VALUE
+    if len(sample.classes) == 0:
+        return Sample(image, sample.boxes_xyxy, sample.classes)
+    erased_sum = cv2.integral(erase_mask.astype(np.uint8))  # (H + 1, W + 1): erased pixels above-left of (y, x)
+    boxes = sample.boxes_xyxy
+    left = np.clip(np.floor(boxes[:, 0]), 0, width).astype(np.int64)
+    top = np.clip(np.floor(boxes[:, 1]), 0, height).astype(np.int64)
+    right = np.clip(np.ceil(boxes[:, 2]), 0, width).astype(np.int64)
+    bottom = np.clip(np.ceil(boxes[:, 3]), 0, height).astype(np.int64)
+    erased = erased_sum[bottom, right] - erased_sum[top, right] - erased_sum[bottom, left] + erased_sum[top, left]
+    pixels = (np.clip(right - left, 0, None) * np.clip(bottom - top, 0, None)).astype(np.float64)
+    keep = _fraction_at_least(pixels - erased, pixels, min_visibility)
+    return Sample(image, boxes[keep], sample.classes[keep])
 
 
 def _intersection_areas(boxes_xyxy: np.ndarray, patch_xyxy: np.ndarray) -> np.ndarray:
@@ -802,7 +1097,9 @@ __all__ = [
     "Albumentations",
     "Compose",
     "CopyPaste",
+    "CutMix",
     "Cutout",
+    "GridMask",
     "Letterbox",
     "MixUp",
     "Mosaic",
@@ -815,7 +1112,10 @@ __all__ = [
     "box_candidates",
     "build_train_transforms",
     "cut_objects",
+    "cutmix",
     "flip",
+    "grid_erase_mask",
+    "gridmask",
     "letterbox",
     "letterbox_sample",
     "mosaic4",

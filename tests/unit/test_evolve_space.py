@@ -45,6 +45,9 @@ EXPECTED_DEFAULT = {
     "mixup": (0.0, 1.0, "linear", None),
     "copy_paste": (0.0, 1.0, "linear", None),
     "cutout": (0.0, 1.0, "linear", None),
+    "cutmix": (0.0, 1.0, "linear", None),
+    "gridmask": (0.0, 1.0, "linear", None),
+    "min_visibility": (0.1, 0.9, "linear", False),
     "albumentations": (0.0, 1.0, "linear", None),
     "drop_path": (0.0, 0.3, "linear", None),
     "dropout": (0.0, 0.5, "linear", None),
@@ -72,11 +75,13 @@ def test_default_hyp_evolves_its_nonzero_keys_except_the_frozen_ones():
     assert zero == {"anchors", "fl_gamma", "degrees", "shear", "perspective", "flipud", "mosaic9", "mixup"} | {
         "copy_paste",
         "cutout",
+        "cutmix",
+        "gridmask",
         "albumentations",
         "drop_path",
         "dropout",
     }
-    expected = tuple(key for key in EXPECTED_DEFAULT if key not in zero | {"iou_t"})
+    expected = tuple(key for key in EXPECTED_DEFAULT if key not in zero | {"iou_t", "min_visibility"})
     assert space.evolved_keys(start) == expected
 
 
