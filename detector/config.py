@@ -70,6 +70,9 @@ class Hyperparameters:
     mixup: float = 0.0  # probability of mixup (ratio drawn from beta(32, 32))
     copy_paste: float = 0.0  # probability of pasting another image's objects (by polygon, else by box)
     cutout: float = 0.0  # probability of cutout / random erasing of a few patches
+    cutmix: float = 0.0  # probability of CutMix: a rectangle of another training image pasted in, with its boxes
+    gridmask: float = 0.0  # probability of GridMask: a grid of erased squares over the image
+    min_visibility: float = 0.3  # CutMix, GridMask: a box keeps its label while at least this fraction stays visible
     albumentations: float = 0.0  # probability of the albumentations pipeline (only when albumentations is installed)
     drop_path: float = 0.0  # stochastic depth: drop probability of the deepest bottleneck's branch (rising with depth)
     dropout: float = 0.0  # dropout probability on the features entering the detection head, in training
@@ -134,6 +137,10 @@ class TrainConfig:
     deterministic: bool = False  # deterministic algorithms (slower), for bit-exact repeatable runs
     amp: Literal["auto", "fp16", "bf16", "off"] = "auto"  # auto = fp16 on CUDA if the AMP check passes, off on CPU
     fitness_weights: tuple[float, ...] = (0.0, 0.0, 0.1, 0.9)  # fitness = these x (P, R, mAP50, mAP50-95): best.pt
+    auto_augment: str = ""  # automatic augmentation policy: trivial, randaugment[-nN-mM], detection-v0; "" = none
+    repeat_aug: int = 1  # repeated augmentation: each drawn image appears this many times per batch, augmented anew
+    close_mosaic: int = 0  # the last N epochs without mosaic/mixing augmentations, at the test resolution (FixRes)
+    time: float = 0.0  # wall-clock budget in minutes: > 0 fits the number of epochs to it (--epochs is then a cap)
 
 
 @dataclass(frozen=True)
@@ -413,7 +420,7 @@ def save_config(config: Any, path: str | Path) -> None:
 # train.py's options -> one TrainConfig: defaults <- built-in recipe <- --config <- --hyp <- flags, and --resume
 
 # Options that may differ from the saved run when resuming; anything else would silently change the experiment.
-SAFE_RESUME_KEYS = ("workers", "device", "batch_size", "epochs", "patience", "cache_dir")
+SAFE_RESUME_KEYS = ("workers", "device", "batch_size", "epochs", "patience", "cache_dir", "time")
 # Where to look for the run (bare --resume searches --project); the run itself stays in its own folder.
 RESUME_LOCATION_KEYS = ("project", "name", "exist_ok")
 
@@ -510,6 +517,12 @@ def _resume_train_config(given: TrainConfig, layers: list[tuple[str, Mapping[str
                 f"only {', '.join('--' + k.replace('_', '-') for k in SAFE_RESUME_KEYS)} may be given"
             )
     done = int(checkpoint.get("epoch", -1)) + 1
+    fitted = int(checkpoint.get("epochs", merged.epochs))
+    if merged.time > 0 and merged.time == saved.time and done >= fitted:
+        raise ConfigError(
+            f"{path}: this run has finished ({done} epochs fitted to --time {merged.time:g}); to train it longer pass "
+            f"a longer budget, e.g. python train.py --resume {path} --time {2 * merged.time:g}"
+        )
     if done >= merged.epochs:
         raise ConfigError(
             f"{path}: this run has finished ({done} of {merged.epochs} epochs); to train it longer pass more epochs, "
@@ -519,7 +532,19 @@ def _resume_train_config(given: TrainConfig, layers: list[tuple[str, Mapping[str
     return dataclasses.replace(merged, resume=str(path), **location)
 
 
-_PROBABILITY_KEYS = ("flipud", "fliplr", "mosaic", "mosaic9", "mixup", "copy_paste", "cutout", "albumentations")
+_PROBABILITY_KEYS = (
+    "flipud",
+    "fliplr",
+    "mosaic",
+    "mosaic9",
+    "mixup",
+    "copy_paste",
+    "cutout",
+    "cutmix",
+    "gridmask",
+    "min_visibility",
+    "albumentations",
+)
 
 
 def check_train_config(config: TrainConfig) -> None:
@@ -555,6 +580,20 @@ def check_train_config(config: TrainConfig) -> None:
         if not 0.0 <= getattr(hyp, key) < 1.0:
             raise ConfigError(f"hyp.{key}: a probability, expected a value in [0, 1), got {getattr(hyp, key)}")
     check_fitness_weights(config.fitness_weights)
+    if config.repeat_aug < 1 or config.close_mosaic < 0 or config.time < 0:
+        raise ConfigError(
+            f"--repeat-aug must be 1 or more, --close-mosaic and --time 0 or more; got {config.repeat_aug}, "
+            f"{config.close_mosaic}, {config.time}"
+        )
+    if config.repeat_aug > config.batch_size > 0:
+        raise ConfigError(
+            f"--repeat-aug {config.repeat_aug}: each batch must hold every repeat; use --batch-size "
+            f">= {config.repeat_aug} (got {config.batch_size})"
+        )
+    if config.auto_augment:
+        from detector.data.policies import check_auto_augment  # the policy names live with the policies
+
+        check_auto_augment(config.auto_augment)
     if not 0.0 <= config.class_balanced <= 1.0:
         raise ConfigError(f"--class-balanced: a fraction of the images in [0, 1], got {config.class_balanced}")
     if config.class_balanced and (config.image_weights or config.rect):

@@ -254,6 +254,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="fitness = these weights x (precision, recall, mAP50, mAP50-95); picks best.pt and, with --evolve, the "
         "best trial (default: 0 0 0.1 0.9, YOLOv5's)",
     )
+    add(
+        "--auto-augment",
+        type=str,
+        dest="auto_augment",
+        metavar="POLICY",
+        help="automatic augmentation policy, boxes moved with the image: trivial (TrivialAugment-Wide), "
+        "randaugment (N 2 ops at magnitude M 9; randaugment-n3-m12 sets them), detection-v0 (Zoph et al. 2019's "
+        "learned detection policy) (default: none)",
+    )
+    add(
+        "--repeat-aug",
+        type=int,
+        dest="repeat_aug",
+        metavar="K",
+        help="repeated augmentation: each drawn image appears K times in its batch, each differently augmented; "
+        "an epoch still holds as many images as the dataset" + _default("repeat_aug"),
+    )
+    add(
+        "--close-mosaic",
+        type=int,
+        dest="close_mosaic",
+        metavar="N",
+        help="the last N epochs train without mosaic, mixup, CutMix, copy-paste, erasing and the auto-augment "
+        "policy, and without --multi-scale: at the test resolution (FixRes)" + _default("close_mosaic"),
+    )
+    add(
+        "--time",
+        type=float,
+        metavar="MINUTES",
+        help="train for this many minutes: after the first epoch the epochs that fit are estimated, and the LR "
+        "schedule, warmup and --close-mosaic are fitted to them; --epochs becomes a cap (default: 0 = use --epochs)",
+    )
     _add_evolve_flags(parser)
     return parser
 

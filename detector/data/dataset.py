@@ -12,6 +12,7 @@ the per-item pipeline: the training transforms, or a deterministic letterbox for
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -310,6 +311,7 @@ class YOLODataset(Dataset):
         workers: int = 8,
         seed: int = 0,
         prefix: str = "",
+        auto_augment: str = "",
     ) -> None:
         self.imgsz = imgsz
         self.stride = stride
@@ -360,15 +362,18 @@ class YOLODataset(Dataset):
         )
         # The store, not the dataset, is the mosaic/copy-paste/mixup source: no reference cycle, so the cache is freed
         # as soon as the dataset is, not at some later garbage collection.
-        self.transforms = (
-            build_train_transforms(self.hyp, imgsz, None if rect else self.store, rect=rect) if augment else None
-        )
+        self.transforms = self.closed_transforms = None
+        if augment:
+            self.transforms = build_train_transforms(self.hyp, imgsz, self.store, rect=rect, auto_augment=auto_augment)
+            self.closed_transforms = build_train_transforms(close_mosaic_hyp(self.hyp), imgsz, self.store, rect=rect)
 
     def __len__(self) -> int:
         return len(self.im_files)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
-        index, item_seed = key if isinstance(key, tuple) else (key, None)
+    def __getitem__(
+        self, key: int | tuple[int, int] | tuple[int, int, bool]
+    ) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
+        index, item_seed, closed = (*key, False)[:3] if isinstance(key, tuple) else (key, None, False)
         sample = self.store.load_sample(index)
         shapes = None
         if self.rect or not self.augment:
@@ -378,9 +383,10 @@ class YOLODataset(Dataset):
             sample, info = letterbox_sample(sample, target, scaleup=self.augment)
             ratio = (resized_h / original_h * info.ratio[0], resized_w / original_w * info.ratio[1])
             shapes = ((original_h, original_w), (ratio, info.pad))
-        if self.transforms is not None:
+        transforms = self.closed_transforms if closed else self.transforms
+        if transforms is not None:
             rng = np.random.default_rng(item_seed if item_seed is not None else (self.seed, index))
-            sample = self.transforms(sample, rng)
+            sample = transforms(sample, rng)
         return (*self._to_tensors(sample), self.im_files[index], shapes)
 
     def _to_tensors(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
@@ -445,6 +451,17 @@ class YOLODataset(Dataset):
             shapes.append(relative)
         relative_shapes = np.array(shapes, np.float64)
         self.batch_shapes = (np.ceil(relative_shapes * self.imgsz / self.stride + pad) * self.stride).astype(np.int64)
+
+
+# Off in the close-mosaic phase (--close-mosaic): the augmentations that build images unlike the test images.
+CLOSE_MOSAIC_OFF = ("mosaic", "mosaic9", "mixup", "cutmix", "copy_paste", "cutout", "gridmask")
+
+
+def close_mosaic_hyp(hyp: Hyperparameters) -> Hyperparameters:
+    """The hyperparameters of the close-mosaic phase: ``hyp`` with the mosaic and every mixing or erasing
+    augmentation off (and, by the dataset, no auto-augment policy); flips, colour and the affine jitter stay, so
+    the last epochs see whole images at the test resolution, as FixRes (Touvron et al. 2019) and YOLOX advise."""
+    return dataclasses.replace(hyp, **dict.fromkeys(CLOSE_MOSAIC_OFF, 0.0))
 
 
 def _nearby_json_files(label_folder: Path) -> list[Path]:

@@ -33,6 +33,12 @@ class DetectionSampler(Sampler[tuple[int, int]]):
     Every rank draws the same full list from ``(seed, epoch)`` - a permutation, or with image weights a
     weighted draw with replacement - pads it to a multiple of ``world_size`` and keeps every ``world_size``-th
     entry starting at its rank, like ``torch.utils.data.DistributedSampler``.
+
+    Repeated augmentation (``repeats`` K > 1, Hoffer et al. 2020; DeiT's RASampler): the list holds the first N / K
+    draws K times each, in a row, each with its own augmentation seed, so one batch sees K augmentations of an
+    image and an epoch stays N items long. Under DDP the K copies are dealt to consecutive ranks (each process's
+    batch holds different images, the global batch holds all K copies), as DeiT does.
+    After :meth:`set_closed` the items are ``(index, seed, True)``: the close-mosaic phase.
     """
 
     def __init__(
@@ -44,10 +50,15 @@ class DetectionSampler(Sampler[tuple[int, int]]):
         rank: int = -1,
         world_size: int = 1,
         image_weights: np.ndarray | None = None,
+        repeats: int = 1,
     ) -> None:
         if rank >= world_size:
             raise ValueError(f"rank {rank} must be below world_size {world_size}")
+        if repeats < 1:
+            raise ValueError(f"repeats must be 1 or more, got {repeats}")
         self.num_images = num_images
+        self.repeats = repeats
+        self.closed = False  # close-mosaic phase: items carry a flag asking the dataset for its lighter transforms
         self.shuffle = shuffle
         self.seed = seed
         self.rank = max(rank, 0)
@@ -59,6 +70,11 @@ class DetectionSampler(Sampler[tuple[int, int]]):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def set_closed(self, closed: bool) -> None:
+        """From now on, ask the dataset for its close-mosaic transforms (no mosaic or mixing; ``--close-mosaic``).
+        The sampler runs in the main process, so the flag reaches persistent workers with every item."""
+        self.closed = closed
 
     def set_image_weights(self, weights: np.ndarray) -> None:
         """Sample images with probability proportional to ``weights`` (N,) from now on.
@@ -84,13 +100,16 @@ class DetectionSampler(Sampler[tuple[int, int]]):
             order = rng.permutation(self.num_images)
         else:
             order = np.arange(self.num_images)
+        if self.repeats > 1:  # the first ceil(N / K) draws, each K times in a row: an epoch stays N items long
+            order = np.repeat(order[: -(-len(order) // self.repeats)], self.repeats)[: len(order)]
         item_seeds = rng.integers(0, 2**63 - 1, size=len(order), dtype=np.int64)
         padded = self._per_rank * self.world_size
         if padded > len(order):  # repeat from the start so each rank gets the same number of items
             repeat = np.resize(np.arange(len(order)), padded)
             order, item_seeds = order[repeat], item_seeds[repeat]
         mine = slice(self.rank, padded, self.world_size)
-        return iter(zip(order[mine].tolist(), item_seeds[mine].tolist(), strict=True))
+        items = zip(order[mine].tolist(), item_seeds[mine].tolist(), strict=True)
+        return ((index, seed, True) for index, seed in items) if self.closed else iter(items)
 
     @property
     def _per_rank(self) -> int:
@@ -197,6 +216,8 @@ def create_dataloader(
     workers: int = 8,
     image_weights: bool = False,
     class_balanced: float = 0.0,
+    repeat_aug: int = 1,
+    auto_augment: str = "",
     quad: bool = False,
     prefix: str = "",
     shuffle: bool = False,
@@ -213,6 +234,8 @@ def create_dataloader(
     ``batch_size`` is per process. Workers stay alive across epochs; memory is pinned when CUDA is present.
     ``image_weights`` starts from inverse class frequencies; update with ``loader.sampler.set_image_weights``.
     ``class_balanced`` > 0 draws images by their repeat factors (:func:`~detector.data.weights.repeat_factors`).
+    ``repeat_aug`` K > 1 puts K differently augmented copies of each drawn image in a batch (see the sampler);
+    ``auto_augment`` names an automatic augmentation policy (:mod:`detector.data.policies`).
     ``cache_dir`` (``--cache-dir``; None or "" = automatic) is where the label scan cache goes; see
     :func:`detector.data.scan.label_cache_path`.
     """
@@ -238,6 +261,7 @@ def create_dataloader(
         workers=workers,
         seed=seed,
         prefix=prefix,
+        auto_augment=auto_augment,
     )
     if world_size is None:
         distributed = rank >= 0 and torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -253,7 +277,13 @@ def create_dataloader(
     elif class_balanced:
         weights = repeat_factors(dataset.labels, class_count, class_balanced)
     sampler = DetectionSampler(
-        len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, image_weights=weights
+        len(dataset),
+        shuffle=shuffle,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        image_weights=weights,
+        repeats=repeat_aug,
     )
     num_workers = worker_count(workers, batch_size, world_size)
     generator = torch.Generator()

@@ -1,8 +1,10 @@
-"""The default hooks around the training step: LR schedule, EMA, validation, early stopping, checkpointing.
+"""The default hooks around the training step: LR schedule, EMA, validation, time budget, early stopping,
+checkpointing.
 
 Each is a :class:`~detector.engine.callbacks.Callback` on the trainer's one event list; the loop itself only
 trains batches and fires events. :func:`default_hooks` is the list every run gets (``Trainer.build_hooks``),
-in an order that matters at ``on_epoch_end``: validate, let the schedule and early stopping see the fitness,
+in an order that matters at ``on_epoch_end``: validate, fit the epochs to the time budget, let the schedule and
+early stopping see the fitness,
 log the row, then save the checkpoint, so that the checkpoint holds everything the epoch decided. A caller's
 own hooks run after these.
 """
@@ -10,7 +12,10 @@ own hooks run after these.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
+
+import torch
 
 from detector.engine.callbacks import Callback
 from detector.engine.loggers import default_loggers
@@ -80,6 +85,65 @@ class ValidationHook(Callback):
             trainer.validate_best()
 
 
+class TimeBudget(Callback):
+    """``--time MINUTES``: fits the run's number of epochs to a wall-clock budget (ultralytics' ``time=``).
+
+    The budget counts from the trainer's creation (data set-up included) and, on ``--resume``, the time of the
+    earlier sessions too. After every epoch (so first after the first one) it measures the epoch, training and
+    validation, reserves time for the final validation of best.pt, and makes the run as many epochs long as then
+    fit, capped by ``--epochs``: :meth:`Trainer.set_epochs` refits the LR schedule, warmup and close-mosaic phase to
+    that number. The epoch it makes the last is saved (and, with --noval, validated) as a last epoch, so the run
+    ends the normal way. Should an epoch overrun the budget anyway, the run stops after the current batch.
+    Under DDP rank 0's estimate is shared, so all ranks run the same epochs.
+    """
+
+    FINAL_VALIDATION_FACTOR = 1.5  # best.pt's validation plots and prints more than an epoch's validation
+
+    def __init__(self) -> None:
+        self.epoch_started = 0.0
+
+    @staticmethod
+    def budget(trainer: Trainer) -> float:
+        return trainer.config.time * 60.0
+
+    def reserve(self, trainer: Trainer) -> float:
+        """Seconds kept for the end of the run: the final validation of best.pt, checkpoint stripping, plots."""
+        return self.FINAL_VALIDATION_FACTOR * trainer.validation_seconds + 2.0
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        self.epoch_started = trainer.clock()
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if self.budget(trainer) > 0 and trainer.elapsed_seconds() > self.budget(trainer) - self.reserve(trainer):
+            trainer.request_stop(f"the --time budget of {trainer.config.time:g} min is used up")
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        if self.budget(trainer) <= 0 or trainer.state.stop_reason is not None:
+            return
+        state = trainer.state
+        epoch_seconds = trainer.clock() - self.epoch_started
+        remaining = self.budget(trainer) - trainer.elapsed_seconds() - self.reserve(trainer)
+        epochs = min(state.epoch + 1 + max(math.floor(remaining / max(epoch_seconds, 1e-9)), 0), trainer.config.epochs)
+        if trainer.context.is_distributed:
+            shared = [epochs]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            epochs = shared[0]
+        if epochs == state.epochs:
+            return
+        LOGGER.info(
+            "--time %g min: %.1f min used, %.0f s per epoch: %d epochs fit (was %d)",
+            trainer.config.time,
+            trainer.elapsed_seconds() / 60,
+            epoch_seconds,
+            epochs,
+            state.epochs,
+        )
+        trainer.set_epochs(epochs)
+        if state.is_last_epoch and trainer.is_main and trainer.config.noval:
+            trainer.validate()  # with --noval the last epoch is validated; this one became the last just now
+            state.update_best()
+
+
 class EarlyStopping(Callback):
     """Stops the run when the fitness has not improved for ``config.patience`` epochs (0 = never)."""
 
@@ -113,6 +177,7 @@ def default_hooks() -> list[Callback]:
     return [
         EMAHook(),
         ValidationHook(),
+        TimeBudget(),
         LRScheduleHook(),
         EarlyStopping(),
         *default_loggers(),

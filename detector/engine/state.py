@@ -9,7 +9,8 @@ recovery goes back to. The schema (plain types and tensors, so ``torch.load(weig
     model_yaml: dict, names: list[str], model: state_dict | None      (detector.models.loading)
     ema: state_dict | None, ema_updates: int                           (ModelEMA.state_dict)
     optimizer: state_dict | None, scaler: state_dict | None, schedule: dict
-    epoch, best_fitness, best_epoch, lr_factor, class_maps             (TrainState.to_checkpoint)
+    epoch, best_fitness, best_epoch, lr_factor, class_maps,            (TrainState.to_checkpoint)
+    epochs (the run's length, fitted under --time), train_seconds
     train_config: dict, hyp: dict, results: dict[str, float]           (the resolved config, the epoch's row)
 """
 
@@ -60,6 +61,9 @@ class TrainState:
     learning_rates: tuple[float, ...] = ()  # of each parameter group at the last step
     stop_reason: str | None = None  # set by Trainer.request_stop
     fitness_weights: tuple[float, ...] = DEFAULT_FITNESS_WEIGHTS  # of P, R, mAP50, mAP50-95 (--fitness-weights)
+    seconds_before: float = 0.0  # wall-clock seconds of the earlier sessions of a resumed run (--time budget)
+    train_seconds: float = 0.0  # wall-clock seconds of the run so far, all sessions, at the last epoch end
+    mosaic_closed: bool = False  # the close-mosaic phase has begun (--close-mosaic); it never reopens
 
     @property
     def is_last_epoch(self) -> bool:
@@ -86,6 +90,8 @@ class TrainState:
             "best_epoch": self.best_epoch,
             "lr_factor": self.lr_factor,
             "class_maps": list(self.class_maps),
+            "epochs": self.epochs,
+            "train_seconds": self.train_seconds,
         }
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
@@ -95,6 +101,7 @@ class TrainState:
         self.best_epoch = int(checkpoint.get("best_epoch", checkpoint["epoch"]))
         self.lr_factor = float(checkpoint.get("lr_factor", 1.0))
         self.class_maps = [float(v) for v in checkpoint.get("class_maps", self.class_maps)]
+        self.seconds_before = self.train_seconds = float(checkpoint.get("train_seconds", 0.0))
 
 
 class Checkpointer:

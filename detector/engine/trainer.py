@@ -93,6 +93,7 @@ MAX_GRAD_NORM = 10.0
 NONFINITE_LIMIT = 3  # consecutive non-finite losses before the last good state is restored
 RECOVERY_LR_FACTOR = 0.1
 MULTI_SCALE_RANGE = (0.5, 1.5)
+FITTED_WARMUP_FRACTION = 0.2  # under --time, warmup takes at most this fraction of the fitted run
 
 T = TypeVar("T")
 
@@ -241,6 +242,8 @@ class Trainer:
     a ``--resume`` checkpoint. Hooks read the typed attributes below (``state``, ``step_record``, ``epoch_record``).
     """
 
+    clock = staticmethod(time.monotonic)  # the wall clock of --time (a test may run on a virtual one)
+
     def __init__(
         self,
         config: TrainConfig,
@@ -250,6 +253,7 @@ class Trainer:
         train_loader: Any = None,
         callbacks: Callbacks | Iterable[Callback] | None = None,
     ) -> None:
+        self.started = self.clock()  # --time counts from here: data set-up and the final validation included
         check_train_config(config)
         schedule_class(config.lr_schedule)  # an unknown schedule is refused before any work
         self.config = config
@@ -271,6 +275,8 @@ class Trainer:
             )
             if self.resume_checkpoint is not None:
                 self.checkpointer.restore(self, self.resume_checkpoint)
+                if config.time > 0:  # keep the epochs the budget was fitted to; the next epoch end refits them
+                    self.set_epochs(min(int(self.resume_checkpoint.get("epochs", config.epochs)), config.epochs))
                 self.resume_checkpoint = None  # free the checkpoint's tensors
         except BaseException:
             for handler in (self.log_buffer, self.log_handler):
@@ -289,6 +295,7 @@ class Trainer:
         self.loss_sums: dict[str, Tensor] = {}
         self.loss_steps = 0
         self.timings: dict[str, float] = dict.fromkeys(("data", "forward", "loss", "backward", "optimizer"), 0.0)
+        self.validation_seconds = 0.0  # of the latest validation (the --time budget reserves one for the end)
 
     def _read_inputs(self, model: nn.Module | None, loss: LossFunction | None, train_loader: Any) -> None:
         """Everything that can refuse the run, before it writes anything: device, resume checkpoint, dataset, model,
@@ -362,6 +369,8 @@ class Trainer:
             world_size=self.context.world_size,
             image_weights=config.image_weights,
             class_balanced=config.class_balanced,
+            repeat_aug=config.repeat_aug,
+            auto_augment=config.auto_augment,
             quad=config.quad,
             prefix="train: ",
             shuffle=not config.rect,
@@ -404,10 +413,13 @@ class Trainer:
             group.setdefault("initial_lr", group["lr"])
         return optimizer
 
-    def build_schedule(self) -> LRSchedule:
-        """The ``--lr-schedule`` from :data:`detector.engine.schedules.LR_SCHEDULES`, stepped every iteration."""
+    def build_schedule(self, epochs: int | None = None) -> LRSchedule:
+        """The ``--lr-schedule`` from :data:`detector.engine.schedules.LR_SCHEDULES`, stepped every iteration, for
+        a run of ``epochs`` (default ``--epochs``)."""
         config = self.config
-        return build_schedule(config.lr_schedule, config.epochs, self.num_batches, config.hyp, config.schedule)
+        return build_schedule(
+            config.lr_schedule, epochs or config.epochs, self.num_batches, config.hyp, config.schedule
+        )
 
     def build_loss(self) -> LossFunction:
         """YOLOv5's loss with the gains scaled to this model and image size (and class weights when asked)."""
@@ -423,6 +435,22 @@ class Trainer:
         return Callbacks(default_hooks())
 
     # -- set-up -----------------------------------------------------------------------------------------------------
+
+    def set_epochs(self, epochs: int) -> None:
+        """Make the run ``epochs`` long from now on (``--time`` fits it to the budget): the LR schedule is rebuilt
+        for the new length (keeping any state it learnt), warmup is capped at a fifth of the run, and the
+        close-mosaic phase, which counts back from the last epoch, moves with it."""
+        self.state.epochs = epochs
+        learnt = self.schedule.state_dict()
+        self.schedule = self.build_schedule(epochs)
+        self.schedule.load_state_dict(learnt)
+        if not self.schedule.has_warmup:
+            configured = warmup_iterations(self.config.hyp.warmup_epochs, self.num_batches)
+            self.warmup_iterations = min(configured, round(FITTED_WARMUP_FRACTION * epochs * self.num_batches))
+
+    def elapsed_seconds(self) -> float:
+        """Wall-clock seconds the run has used: this session since the trainer was made, plus earlier sessions."""
+        return self.state.seconds_before + self.clock() - self.started
 
     def _select_device(self, config: TrainConfig) -> torch.device:
         device = select_device(config.device, max(config.batch_size, 0))
@@ -579,6 +607,7 @@ class Trainer:
         self.scale_rng = np.random.default_rng((self.config.seed, state.epoch, 1))
         if hasattr(self.train_loader, "sampler") and hasattr(self.train_loader.sampler, "set_epoch"):
             self.train_loader.sampler.set_epoch(state.epoch)
+        self._close_mosaic_phase()
         self.loss_sums, self.loss_steps, self.accumulated = {}, 0, 0
         self.optimizer.zero_grad(set_to_none=True)
         state.iteration = state.epoch * self.num_batches
@@ -595,6 +624,22 @@ class Trainer:
                 break
             data_start = time.perf_counter()
 
+    def _close_mosaic_phase(self) -> None:
+        """From ``epochs - close_mosaic`` on, the batches come without mosaic or mixing augmentations and at the
+        training size (no --multi-scale); once begun, the phase stays even if --time later adds epochs."""
+        state, close = self.state, self.config.close_mosaic
+        if close > 0 and not state.mosaic_closed and state.epoch >= state.epochs - close:
+            state.mosaic_closed = True
+            LOGGER.info(
+                "Closing mosaic: epochs %d-%d train without mosaic, mixup, CutMix, copy-paste, erasing, the "
+                "auto-augment policy and multi-scale",
+                state.epoch,
+                state.epochs - 1,
+            )
+        sampler = getattr(self.train_loader, "sampler", None)
+        if state.mosaic_closed and hasattr(sampler, "set_closed"):
+            sampler.set_closed(True)
+
     def train_step(self, batch: tuple) -> dict[str, float]:
         """Forward, loss, backward for one batch; an optimizer step when the accumulation is complete.
 
@@ -609,7 +654,7 @@ class Trainer:
         )
         images = images_uint8.to(self.device, non_blocking=True).to(memory_format=self.memory_format).float() / 255
         targets = targets.to(self.device)
-        if self.config.multi_scale:
+        if self.config.multi_scale and not state.mosaic_closed:
             images = resize_batch(images, random_image_size(self.imgsz, self.stride, self.scale_rng), self.stride)
         sync = nullcontext() if will_step or not self.context.is_distributed else self.train_model.no_sync()
         state.stepped = False
@@ -754,6 +799,7 @@ class Trainer:
         logging, checkpoint), the stop decision shared by all ranks, and the state to recover to."""
         distributed.average_batchnorm_statistics(self.model, self.context)
         release_memory()
+        self.state.train_seconds = self.elapsed_seconds()
         self.callbacks.run("on_epoch_end", self)
         release_memory()
         self._stop_requested_anywhere()
@@ -781,7 +827,9 @@ class Trainer:
         if self.validator is None:  # one Validator for the whole run, as val.py would configure it
             self.validator = self._validator(plots=False, verbose=False)
         model = self.ema.ema if self.ema is not None else self.model
+        started = self.clock()
         metrics = self.validator.run(model, self.val_loader, loss_fn=self.loss_fn)
+        self.validation_seconds = self.clock() - started
         self.state.record_validation(metrics, len(self.names))
         release_memory()
         return metrics
