@@ -17,6 +17,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {  # public name -> module that defines it
+    "ablate": "detector.ablation",
     "load_model": "detector.models.loading",
     "DetectionModel": "detector.models.yolo",
     "Detector": "detector.engine.predictor",

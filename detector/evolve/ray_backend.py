@@ -144,7 +144,7 @@ def connect(address: str) -> tuple[types.ModuleType, bool]:
     import ray
 
     if ray.is_initialized():
-        LOGGER.info("Evolve: using the Ray instance this process is already connected to")
+        LOGGER.info("Ray: using the instance this process is already connected to")
         return ray, False
     try:
         if address:

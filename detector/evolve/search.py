@@ -43,7 +43,7 @@ from detector.config import (
     resolve_train_config,
 )
 from detector.engine.callbacks import Callback, Callbacks
-from detector.engine.hooks import EarlyStopping, EMAHook, LRScheduleHook, ValidationHook
+from detector.engine.hooks import EarlyStopping, EMAHook, LRScheduleHook, TimeBudget, ValidationHook
 from detector.engine.loggers import ConsoleLogger, CSVLogger, resident_memory_bytes
 from detector.engine.trainer import Trainer, release_memory
 from detector.errors import ConfigError
@@ -177,6 +177,7 @@ class TrialTrainer(Trainer):
         hooks = [
             EMAHook(),
             ValidationHook(final=False),
+            TimeBudget(),  # --time: each trial fits its epochs to the budget
             LRScheduleHook(),
             EarlyStopping(),
             ConsoleLogger(),
