@@ -90,10 +90,11 @@ class TimeBudget(Callback):
 
     The budget counts from the trainer's creation (data set-up included) and, on ``--resume``, the time of the
     earlier sessions too. After every epoch (so first after the first one) it measures the epoch, training and
-    validation, reserves time for the final validation of best.pt, and makes the run as many epochs long as then
-    fit, capped by ``--epochs``: :meth:`Trainer.set_epochs` refits the LR schedule, warmup and close-mosaic phase to
-    that number. The epoch it makes the last is saved (and, with --noval, validated) as a last epoch, so the run
-    ends the normal way. Should an epoch overrun the budget anyway, the run stops after the current batch.
+    validation, takes the mean over this session's epochs as the cost of one more, reserves time for the final
+    validation of best.pt, and makes the run as many epochs long as then fit, capped by ``--epochs``:
+    :meth:`Trainer.set_epochs` refits the LR schedule, warmup and close-mosaic phase to that number. The epoch it
+    makes the last is saved (and, with --noval, validated) as a last epoch, so the run ends the normal way. Should
+    an epoch overrun the budget anyway, the run stops after the current batch.
     Under DDP rank 0's estimate is shared, so all ranks run the same epochs.
     """
 
@@ -101,6 +102,7 @@ class TimeBudget(Callback):
 
     def __init__(self) -> None:
         self.epoch_started = 0.0
+        self.epoch_seconds: list[float] = []  # of this session's epochs: their mean is the estimate
 
     @staticmethod
     def budget(trainer: Trainer) -> float:
@@ -121,7 +123,8 @@ class TimeBudget(Callback):
         if self.budget(trainer) <= 0 or trainer.state.stop_reason is not None:
             return
         state = trainer.state
-        epoch_seconds = trainer.clock() - self.epoch_started
+        self.epoch_seconds.append(trainer.clock() - self.epoch_started)
+        epoch_seconds = sum(self.epoch_seconds) / len(self.epoch_seconds)  # steadier than the last epoch alone
         remaining = self.budget(trainer) - trainer.elapsed_seconds() - self.reserve(trainer)
         epochs = min(state.epoch + 1 + max(math.floor(remaining / max(epoch_seconds, 1e-9)), 0), trainer.config.epochs)
         if trainer.context.is_distributed:

@@ -577,13 +577,16 @@ class Trainer:
                 state.epochs,
             )
             self.good_state = self.checkpointer.snapshot(self)
-            for epoch in range(state.start_epoch, state.epochs):
-                state.epoch = epoch
+            state.epoch = state.start_epoch
+            while state.epoch < state.epochs:  # not a range: --time may change state.epochs during the run
                 self.train_one_epoch()
                 self.end_epoch()
                 if state.stop_reason is not None:
                     LOGGER.info("Stopping training: %s", state.stop_reason)
                     break
+                if state.is_last_epoch:
+                    break  # state.epoch stays the last epoch trained, for the hooks at the end
+                state.epoch += 1
             LOGGER.info(
                 "%d epochs completed in %.3f hours.",
                 state.epoch - state.start_epoch + 1,

@@ -91,6 +91,15 @@ def test_time_budget_fits_epochs_schedule_and_warmup_then_resume_keeps_it(tiny, 
         resolve_train_config({"resume": str(last)})
 
 
+def test_time_budget_run_ends_after_the_fitted_epochs(tiny, tmp_path):
+    config = tiny_config(tiny, tmp_path, epochs=50, batch_size=4, time=0.5, name="fitted")  # 14 epochs, as above
+    trainer = clocked_trainer(config, VirtualClock())
+    trainer.fit()
+    assert trainer.state.stop_reason is None
+    assert len(read_results(trainer.save_dir / "results.csv")) == 14
+    assert load_checkpoint(trainer.save_dir / "weights" / "last.pt")["epoch"] == 13
+
+
 def test_time_budget_stops_an_epoch_that_overruns(tiny, tmp_path):
     config = tiny_config(tiny, tmp_path, epochs=5, batch_size=1, time=0.05, name="overrun")  # 3 s; 8 steps/epoch
     trainer = clocked_trainer(config, VirtualClock())

@@ -140,3 +140,18 @@ def test_time_budget_counts_the_earlier_sessions_of_a_resumed_run():
     trainer.now = 5.0  # 45 s used: 60 - 45 - 2 = 13 s, 2 more 5 s epochs after epoch 4
     budget.on_epoch_end(trainer)
     assert trainer.fitted == [7]
+
+
+def test_repeated_augmentation_puts_k_different_views_of_one_image_in_a_batch(tmp_path):
+    from detector.data.builtin import ensure_builtin_dataset
+    from detector.data.dataset_config import load_dataset_config
+    from detector.data.loader import create_dataloader
+
+    data = load_dataset_config(str(ensure_builtin_dataset(tmp_path / "d", num_train=6, num_val=2, progress=False)))
+    loader, _ = create_dataloader(
+        data.train, imgsz=64, batch_size=4, augment=True, shuffle=True, workers=0, repeat_aug=2, hyp=Hyperparameters()
+    )
+    images, _, paths, _ = next(iter(loader))
+    assert paths[0] == paths[1] and paths[2] == paths[3] and paths[0] != paths[2]  # 2 images, 2 views each
+    assert not np.array_equal(images[0].numpy(), images[1].numpy())
+    assert not np.array_equal(images[2].numpy(), images[3].numpy())
