@@ -27,16 +27,28 @@ def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = True)
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: done once, at import, before any thread starts
+    os.umask(mask)
+    return mask
+
+
+# What open() would give a new file: mkstemp's private 0600 would make every run file unreadable to other users
+_NEW_FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write a file so that readers see either the old or the whole new content, never a torn one.
 
     ``write`` receives a binary file object in the same folder; it is flushed, fsynced and renamed over
-    ``path``, so a crash or SIGKILL mid-write leaves the previous file intact.
+    ``path``, so a crash or SIGKILL mid-write leaves the previous file intact. The file gets the permissions
+    a plain ``open()`` would give it (0666 less the umask), not the temporary file's private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
