@@ -28,7 +28,6 @@ import csv
 import dataclasses
 import difflib
 import functools
-import io
 import logging
 import re
 import shutil
@@ -50,7 +49,7 @@ from detector.config import (
 )
 from detector.engine.callbacks import Callback
 from detector.errors import ConfigError
-from detector.utils.files import atomic_write, increment_path
+from detector.utils.files import atomic_write, atomic_write_csv, increment_path
 from detector.utils.logging import add_file_log, remove_file_log
 
 if TYPE_CHECKING:
@@ -546,11 +545,7 @@ class AblationTable:
         self.write()
 
     def write(self) -> None:
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write(self.path, lambda f: f.write(text.getvalue().encode("utf-8")))
+        atomic_write_csv(self.path, CSV_COLUMNS, self.rows)
 
 
 # --------------------------------------------------------------------------------------------------------------------

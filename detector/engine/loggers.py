@@ -9,7 +9,6 @@ YOLOv5's, in YOLOv5's order, so tools that read its results files read ours.
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import os
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from detector.engine.callbacks import METRIC_COLUMNS, Callback, StepRecord, loss_column, result_columns
 from detector.ops.boxes import xywhn2xyxy
-from detector.utils.files import atomic_write
+from detector.utils.files import atomic_write_csv
 
 if TYPE_CHECKING:
     from detector.engine.trainer import Trainer
@@ -147,12 +146,7 @@ class CSVLogger(Callback):
             plot_results(self.path(trainer))
 
     def _rewrite(self, path: Path) -> None:
-        text = io.StringIO()
-        if self.columns:
-            writer = csv.DictWriter(text, fieldnames=self.columns, restval="")
-            writer.writeheader()
-            writer.writerows(_formatted(row) for row in self.rows)
-        atomic_write(path, lambda f: f.write(text.getvalue().encode("utf-8")))
+        atomic_write_csv(path, self.columns, (_formatted(row) for row in self.rows))
 
 
 def _loss_names(columns: tuple[str, ...]) -> list[str]:

@@ -9,7 +9,6 @@ half-written. Its result columns carry YOLOv5's names (``metrics/mAP_0.5`` ...),
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -23,7 +22,7 @@ import yaml
 from detector.errors import ConfigError
 from detector.evolve.space import SearchSpace
 from detector.evolve.strategies import TrialRecord
-from detector.utils.files import atomic_write
+from detector.utils.files import atomic_write, atomic_write_csv
 from detector.utils.plots import new_figure, save_figure
 
 LOGGER = logging.getLogger(__name__)
@@ -98,11 +97,7 @@ class EvolveTable:
             **{key: _number(outcome.hyp[key]) for key in self.hyp_keys},
         }
         self.rows.append(row)
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=self.columns, restval="", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write(self.path, lambda f: f.write(text.getvalue().encode("utf-8")))
+        atomic_write_csv(self.path, self.columns, self.rows)
 
     def best_row(self) -> dict[str, str] | None:
         """The row of the fittest trial (the first of equals), None before any trial finished."""

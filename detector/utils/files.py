@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import re
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = True) -> Path:
@@ -57,6 +59,17 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write ``rows`` under a ``columns`` header as a CSV file, atomically (:func:`atomic_write`). A key missing
+    from a row is written empty, a key not in ``columns`` left out; no columns give an empty file."""
+    text = io.StringIO()
+    if columns:
+        writer = csv.DictWriter(text, fieldnames=list(columns), restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode("utf-8")))
 
 
 def file_size_mb(path: str | Path) -> float:

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from detector.utils.files import atomic_write
+from detector.utils.files import atomic_write, atomic_write_csv
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
@@ -33,3 +33,11 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(path, fail)
     assert path.read_text() == "old"
     assert not list(tmp_path.glob(".results.csv.*"))
+
+
+def test_atomic_write_csv_writes_the_header_and_fills_missing_keys(tmp_path):
+    path = tmp_path / "table.csv"
+    atomic_write_csv(path, ["a", "b"], [{"a": "1", "b": "2"}, {"a": "3", "extra": "x"}])
+    assert path.read_text() == "a,b\n1,2\n3,\n"
+    atomic_write_csv(path, [], [])
+    assert path.read_text() == ""
