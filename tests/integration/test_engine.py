@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+import tiny_runs
 import torch
 import yaml
 
@@ -32,10 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(tiny, tmp_path, **changes) -> TrainConfig:
-    hyp = dataclasses.replace(load_hyp("hyp.no-augmentation.yaml"), warmup_epochs=0.0)
-    base = TrainConfig(data=tiny["data"], cfg=tiny["cfg"], imgsz=64, batch_size=4, nbs=4, epochs=2, workers=0,
-                       noautoanchor=True, noplots=True, project=str(tmp_path / "runs"), hyp=hyp)  # fmt: skip
-    return dataclasses.replace(base, **changes)
+    """The shared tiny run with 2 batches per epoch (an optimizer step each) and validation every epoch."""
+    return tiny_runs.tiny_config(tiny, tmp_path, **{"batch_size": 4, "nbs": 4, "noval": False, **changes})
 
 
 def example(name: str):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_runs import tiny_config
 
-from detector.config import TrainConfig, load_hyp
 from detector.engine.callbacks import Callbacks
 from detector.engine.loggers import read_results
 from detector.engine.trainer import Trainer, TrainingDivergedError
@@ -24,24 +24,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, where train.py 
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_config(tiny, tmp_path, **changes) -> TrainConfig:
-    hyp = dataclasses.replace(load_hyp("hyp.no-augmentation.yaml"), warmup_epochs=0.0)
-    base = TrainConfig(
-        data=tiny["data"],
-        cfg=tiny["cfg"],
-        imgsz=64,
-        batch_size=8,
-        epochs=2,
-        workers=0,
-        noautoanchor=True,
-        noplots=True,
-        noval=True,
-        project=str(tmp_path / "runs"),
-        hyp=hyp,
-    )
-    return dataclasses.replace(base, **changes)
 
 
 def epoch_losses(callbacks: Callbacks) -> list[float]:

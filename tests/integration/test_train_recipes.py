@@ -6,32 +6,15 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from tiny_runs import tiny_config
 
-from detector.config import ConfigError, Hyperparameters, TrainConfig, load_hyp, resolve_train_config
+from detector.config import ConfigError, Hyperparameters, resolve_train_config
 from detector.engine.callbacks import Callbacks
 from detector.engine.loggers import read_results
 from detector.engine.trainer import Trainer
 from detector.utils.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_config(tiny, tmp_path, **changes) -> TrainConfig:
-    hyp = dataclasses.replace(load_hyp("hyp.no-augmentation.yaml"), warmup_epochs=0.0)
-    base = TrainConfig(
-        data=tiny["data"],
-        cfg=tiny["cfg"],
-        imgsz=64,
-        batch_size=8,
-        epochs=2,
-        workers=0,
-        noautoanchor=True,
-        noplots=True,
-        noval=True,
-        project=str(tmp_path / "runs"),
-        hyp=hyp,
-    )
-    return dataclasses.replace(base, **changes)
 
 
 class VirtualClock:

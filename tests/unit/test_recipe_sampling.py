@@ -10,8 +10,10 @@ import pytest
 
 from detector.config import ConfigError, Hyperparameters, TrainConfig, check_train_config
 from detector.data.augment import Mosaic
+from detector.data.builtin import ensure_builtin_dataset
 from detector.data.dataset import CLOSE_MOSAIC_OFF, YOLODataset, close_mosaic_hyp
-from detector.data.loader import DetectionSampler
+from detector.data.dataset_config import load_dataset_config
+from detector.data.loader import DetectionSampler, create_dataloader
 from detector.engine.hooks import TimeBudget
 from detector.engine.state import TrainState
 
@@ -50,12 +52,16 @@ def test_close_mosaic_hyp_turns_off_exactly_the_mixing_augmentations():
     assert (closed.fliplr, closed.hsv_s, closed.scale) == (hyp.fliplr, hyp.hsv_s, hyp.scale)
 
 
-def test_dataset_serves_closed_items_from_its_close_mosaic_transforms(tmp_path):
-    from detector.data.builtin import ensure_builtin_dataset
-    from detector.data.dataset_config import load_dataset_config
+@pytest.fixture(scope="module")
+def six_images(tmp_path_factory) -> str:
+    """The train folder of a 6-image built-in dataset."""
+    root = tmp_path_factory.mktemp("six")
+    dataset = ensure_builtin_dataset(root / "data", num_train=6, num_val=2, progress=False)
+    return load_dataset_config(str(dataset)).train
 
-    data = load_dataset_config(str(ensure_builtin_dataset(tmp_path / "d", num_train=6, num_val=2, progress=False)))
-    dataset = YOLODataset(data.train, imgsz=64, augment=True, hyp=Hyperparameters(mosaic=1.0), workers=0)
+
+def test_dataset_serves_closed_items_from_its_close_mosaic_transforms(six_images):
+    dataset = YOLODataset(six_images, imgsz=64, augment=True, hyp=Hyperparameters(mosaic=1.0), workers=0)
     assert any(isinstance(step, Mosaic) for step in dataset.transforms.steps[0].steps)
     assert not any(isinstance(step, Mosaic) for step in dataset.closed_transforms.steps[0].steps)
     image, labels, _, _ = dataset[(2, 123, True)]
@@ -142,14 +148,9 @@ def test_time_budget_counts_the_earlier_sessions_of_a_resumed_run():
     assert trainer.fitted == [7]
 
 
-def test_repeated_augmentation_puts_k_different_views_of_one_image_in_a_batch(tmp_path):
-    from detector.data.builtin import ensure_builtin_dataset
-    from detector.data.dataset_config import load_dataset_config
-    from detector.data.loader import create_dataloader
-
-    data = load_dataset_config(str(ensure_builtin_dataset(tmp_path / "d", num_train=6, num_val=2, progress=False)))
+def test_repeated_augmentation_puts_k_different_views_of_one_image_in_a_batch(six_images):
     loader, _ = create_dataloader(
-        data.train, imgsz=64, batch_size=4, augment=True, shuffle=True, workers=0, repeat_aug=2, hyp=Hyperparameters()
+        six_images, imgsz=64, batch_size=4, augment=True, shuffle=True, workers=0, repeat_aug=2, hyp=Hyperparameters()
     )
     images, _, paths, _ = next(iter(loader))
     assert paths[0] == paths[1] and paths[2] == paths[3] and paths[0] != paths[2]  # 2 images, 2 views each
