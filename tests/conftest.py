@@ -11,8 +11,10 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DETECTOR_SHARED", REPO_ROOT.parent / "shared"))
 
-# Two cores: tests use one torch thread so parallel work in DataLoader workers does not oversubscribe the CPU.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two cores: at most two torch threads so DataLoader workers do not oversubscribe the CPU; one per pytest-xdist
+# worker process (``pytest -n 2``, as CI runs), where the processes themselves share the cores.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _XDIST_WORKERS)))
 
 
 def _shared_path(relative: str) -> Path:
