@@ -428,6 +428,7 @@ def ablation_trainer() -> type[Trainer]:
     checkpoints unless ``keep_weights``."""
     from detector.engine.callbacks import Callbacks
     from detector.engine.hooks import CheckpointHook, ValidationHook, default_hooks
+    from detector.engine.trackers import build_loggers
     from detector.engine.trainer import Trainer
 
     class AblationTrainer(Trainer):
@@ -443,7 +444,7 @@ def ablation_trainer() -> type[Trainer]:
                 elif isinstance(hook, CheckpointHook) and not self.keep_weights:
                     continue
                 hooks.append(hook)
-            return Callbacks(hooks)
+            return Callbacks([*hooks, *build_loggers(self.config.logger)])  # --logger's trackers, as train.py
 
     return AblationTrainer
 

@@ -141,6 +141,13 @@ class TrainConfig:
     repeat_aug: int = 1  # repeated augmentation: each drawn image appears this many times per batch, augmented anew
     close_mosaic: int = 0  # the last N epochs without mosaic/mixing augmentations, at the test resolution (FixRes)
     time: float = 0.0  # wall-clock budget in minutes: > 0 fits the number of epochs to it (--epochs is then a cap)
+    logger: tuple[str, ...] = ("tensorboard",)  # experiment trackers: tensorboard, mlflow, wandb (console, CSV: always)
+    train_tile: int = 0  # > 0: train on random tiles of this many px cut from full-resolution images; 0 = whole images
+    unlabeled: str = ""  # images without labels (folder, glob or .txt list): pseudo-labelled into the training set
+    pseudo_every: int = 5  # the run's EMA model relabels them every N epochs (from epoch N); 0 = the teacher's only
+    pseudo_conf: float = 0.5  # confidence threshold of the pseudo-label boxes (NMS of the labelling model)
+    pseudo_weight: float = 0.5  # weight of a pseudo-label box in the box, class and objectness losses (labelled: 1)
+    teacher: str = ""  # weights (.pt, ours or YOLOv5's) that label them once before training; "" = no teacher
 
 
 @dataclass(frozen=True)
@@ -190,6 +197,12 @@ class ValConfig:
     name: str = "exp"
     exist_ok: bool = False
     half: bool = False  # FP16 inference (CUDA only)
+    tile: int = 0  # > 0: predict each whole image in overlapping tiles of this many px (small objects); 0 = off
+    tile_overlap: float = 0.2  # overlap of neighbouring tiles, as a fraction of the tile, in [0, 1)
+    tile_full: bool = False  # with tiles: also predict on the whole downscaled image (objects larger than a tile)
+    tile_merge: Literal["nms", "nmm"] = "nms"  # joining tiles: keep the best of matching boxes, or merge into unions
+    tile_match: Literal["iou", "ios"] = "ios"  # boxes match by IoU or by intersection over the smaller box's area
+    tile_match_thres: float = 0.5  # boxes of one class match above this IoU/IoS
 
 
 @dataclass(frozen=True)
@@ -220,6 +233,12 @@ class DetectConfig:
     hide_conf: bool = False
     half: bool = False
     vid_stride: int = 1
+    tile: int = 0  # > 0: predict each whole image in overlapping tiles of this many px (small objects); 0 = off
+    tile_overlap: float = 0.2  # overlap of neighbouring tiles, as a fraction of the tile, in [0, 1)
+    tile_full: bool = False  # with tiles: also predict on the whole downscaled image (objects larger than a tile)
+    tile_merge: Literal["nms", "nmm"] = "nms"  # joining tiles: keep the best of matching boxes, or merge into unions
+    tile_match: Literal["iou", "ios"] = "ios"  # boxes match by IoU or by intersection over the smaller box's area
+    tile_match_thres: float = 0.5  # boxes of one class match above this IoU/IoS
 
 
 @dataclass(frozen=True)
@@ -420,7 +439,7 @@ def save_config(config: Any, path: str | Path) -> None:
 # train.py's options -> one TrainConfig: defaults <- built-in recipe <- --config <- --hyp <- flags, and --resume
 
 # Options that may differ from the saved run when resuming; anything else would silently change the experiment.
-SAFE_RESUME_KEYS = ("workers", "device", "batch_size", "epochs", "patience", "cache_dir", "time")
+SAFE_RESUME_KEYS = ("workers", "device", "batch_size", "epochs", "patience", "cache_dir", "time", "logger")
 # Where to look for the run (bare --resume searches --project); the run itself stays in its own folder.
 RESUME_LOCATION_KEYS = ("project", "name", "exist_ok")
 
@@ -599,6 +618,33 @@ def check_train_config(config: TrainConfig) -> None:
     if config.class_balanced and (config.image_weights or config.rect):
         other = "--image-weights" if config.image_weights else "--rect (its batches follow the image order)"
         raise ConfigError(f"--class-balanced chooses which images are drawn; it cannot be combined with {other}")
+    if config.train_tile < 0:
+        raise ConfigError(f"--train-tile: expected a tile size in pixels (0 = whole images), got {config.train_tile}")
+    if config.train_tile and config.rect:
+        raise ConfigError("--train-tile cuts square tiles; it cannot be combined with --rect (whole-image shapes)")
+    _check_pseudo_options(config)
+
+
+def _check_pseudo_options(config: TrainConfig) -> None:
+    """--unlabeled and its --pseudo-* / --teacher options."""
+    if not config.unlabeled:
+        if config.teacher:
+            raise ConfigError("--teacher labels the --unlabeled images; pass --unlabeled DIR (or drop --teacher)")
+        return
+    if config.pseudo_every < 0 or not 0.0 <= config.pseudo_conf <= 1.0 or config.pseudo_weight < 0:
+        raise ConfigError(
+            f"--pseudo-every must be 0 or more, --pseudo-conf in [0, 1] and --pseudo-weight 0 or more; got "
+            f"{config.pseudo_every}, {config.pseudo_conf}, {config.pseudo_weight}"
+        )
+    if config.pseudo_every == 0 and not config.teacher:
+        raise ConfigError("--pseudo-every 0 labels the --unlabeled images once at the start, which needs --teacher")
+    if config.teacher and not Path(config.teacher).is_file():
+        raise ConfigError(f"--teacher {config.teacher}: weights file not found")
+    for flag, on in (("--rect", config.rect), ("--image-weights", config.image_weights)):
+        if on:
+            raise ConfigError(f"--unlabeled cannot be combined with {flag} (it decides which images an epoch draws)")
+    if config.class_balanced:
+        raise ConfigError("--unlabeled cannot be combined with --class-balanced (it decides which images are drawn)")
 
 
 def check_fitness_weights(weights: tuple[float, ...]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from detector.cli.common import given_flags, new_parser, run_cli
 from detector.config import DetectConfig, build_config
@@ -18,6 +18,7 @@ examples:
   python detect.py --weights best.onnx --source video.mp4 --vid-stride 2  # every 2nd frame, re-encoded mp4
   python detect.py --weights best.pt --source img.jpg --save-txt --save-conf --nosave   # YOLO label files only
   python detect.py --weights yolov5n_openvino_model --source 0 --view-img            # webcam, on screen
+  python detect.py --weights best.pt --source 4k_photos/ --tile 640 --tile-full   # small objects in big images
 """
 
 DEFAULTS = DetectConfig()
@@ -114,7 +115,53 @@ def build_parser() -> argparse.ArgumentParser:
         dest="vid_stride",
         help="keep every n-th video/stream frame" + _default("vid_stride"),
     )
+    add_tile_flags(parser, _default)
     return parser
+
+
+def add_tile_flags(parser: argparse.ArgumentParser, default: Callable[[str], str]) -> None:
+    """--tile and its companions, the same in detect.py and val.py; ``default(name)`` is the help's default text."""
+    add = parser.add_argument
+    add(
+        "--tile",
+        type=int,
+        metavar="SIZE",
+        help="predict each image at its original resolution in overlapping SIZE x SIZE pixel tiles, each at --imgsz "
+        "(small objects in large images); 0 = off" + default("tile"),
+    )
+    add(
+        "--tile-overlap",
+        type=float,
+        dest="tile_overlap",
+        help="overlap of neighbouring tiles, as a fraction of the tile in [0, 1)" + default("tile_overlap"),
+    )
+    add(
+        "--tile-full",
+        action="store_true",
+        dest="tile_full",
+        help="with --tile: also predict on the whole downscaled image, for objects larger than a tile"
+        + default("tile_full"),
+    )
+    add(
+        "--tile-merge",
+        choices=["nms", "nmm"],
+        dest="tile_merge",
+        help="joining the tiles' boxes: nms keeps the best of matching boxes, nmm merges them into their union box"
+        + default("tile_merge"),
+    )
+    add(
+        "--tile-match",
+        choices=["iou", "ios"],
+        dest="tile_match",
+        help="boxes of one class match by IoU, or by ios = intersection over the smaller box (pairs a box cut at a "
+        "tile border with its whole neighbour)" + default("tile_match"),
+    )
+    add(
+        "--tile-match-thres",
+        type=float,
+        dest="tile_match_thres",
+        help="boxes match above this IoU/IoS" + default("tile_match_thres"),
+    )
 
 
 def build_detect_config(argv: Sequence[str] | None = None) -> DetectConfig:

@@ -286,8 +286,74 @@ def build_parser() -> argparse.ArgumentParser:
         help="train for this many minutes: after the first epoch the epochs that fit are estimated, and the LR "
         "schedule, warmup and --close-mosaic are fitted to them; --epochs becomes a cap (default: 0 = use --epochs)",
     )
+    add(
+        "--train-tile",
+        type=int,
+        dest="train_tile",
+        metavar="SIZE",
+        help="train on random SIZE x SIZE tiles cut from the images at their original resolution (80%% placed "
+        "around an object), each augmented as an image at --img (usually --img SIZE); for large images with small "
+        "objects; validation stays on whole images (default: 0 = whole images shrunk to --img)",
+    )
+    add(
+        "--logger",
+        type=str,
+        metavar="NAMES",
+        help="experiment trackers, comma-separated: tensorboard, mlflow, wandb (mlflow and wandb: pip install "
+        "'detector[tracking]'), or a tracker registered in detector.engine.trackers.LOGGERS; '' = none; the console, "
+        "results.csv and plots are always on" + _default("logger"),
+    )
+    _add_pseudo_label_flags(parser)
     _add_evolve_flags(parser)
     return parser
+
+
+def _add_pseudo_label_flags(parser: argparse.ArgumentParser) -> None:
+    """Pseudo-labels for unlabelled images (detector.engine.pseudo)."""
+    group = parser.add_argument_group(
+        "pseudo-labels",
+        "--unlabeled adds images without labels; a --teacher model and/or the run's own EMA model label them, and "
+        "they train with the labelled images, their boxes at --pseudo-weight (run folder: pseudo_labels.npz)",
+    )
+    add = group.add_argument
+    add(
+        "--unlabeled",
+        type=str,
+        metavar="SOURCE",
+        help="images without labels: a folder, a glob ('imgs/*.jpg') or a .txt list; they join the training set "
+        "(never validation) once they have pseudo-labels (default: '' = none)",
+    )
+    add(
+        "--pseudo-every",
+        type=int,
+        dest="pseudo_every",
+        metavar="K",
+        help="the run's EMA model relabels the --unlabeled images every K epochs, from epoch K (before that, "
+        "without --teacher, epochs train on the labelled images only); 0 = only --teacher labels them, once"
+        + _default("pseudo_every"),
+    )
+    add(
+        "--pseudo-conf",
+        type=float,
+        dest="pseudo_conf",
+        metavar="T",
+        help="confidence threshold of pseudo-label boxes" + _default("pseudo_conf"),
+    )
+    add(
+        "--pseudo-weight",
+        type=float,
+        dest="pseudo_weight",
+        metavar="W",
+        help="weight of a pseudo-label box in the box, class and objectness losses (labelled boxes: 1)"
+        + _default("pseudo_weight"),
+    )
+    add(
+        "--teacher",
+        type=str,
+        metavar="WEIGHTS",
+        help="a trained model (our .pt or a YOLOv5 release .pt, same classes) that labels the --unlabeled images "
+        "once before training (default: '' = the run's EMA model labels them, from epoch --pseudo-every)",
+    )
 
 
 def _add_evolve_flags(parser: argparse.ArgumentParser) -> None:

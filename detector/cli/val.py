@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from detector.cli.common import CACHE_DIR_HELP, given_flags, new_parser, run_cli
+from detector.cli.detect import add_tile_flags
 from detector.config import ValConfig, build_config
 
 DESCRIPTION = """Validate a model on a dataset: precision, recall, mAP50 and mAP50-95 (COCO's matching and
@@ -17,6 +18,7 @@ examples:
   python val.py --weights best.onnx --data mydata.yaml --task test --verbose     # any exported format
   python val.py --weights best.pt --data mydata.yaml --task speed                # timing at conf 0.25, IoU 0.45
   python val.py --weights best.pt --data mydata.yaml --task study --img 1024     # mAP and speed for 256..1024
+  python val.py --weights best.pt --data drone.yaml --tile 640 --tile-full      # whole images, tiled as detect.py
 
 Results go to runs/val/exp, exp2, ...: val.log, confusion_matrix.png, PR/F1/P/R curves, val_batch*_labels.jpg
 and val_batch*_pred.jpg, labels/*.txt (--save-txt), *_predictions.json (--save-json), study.csv/png (study).
@@ -105,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse an existing project/name, do not increment" + _default("exist_ok"),
     )
     add("--half", action="store_true", help="FP16 half-precision inference (CUDA only)" + _default("half"))
+    add_tile_flags(parser, _default)
     return parser
 
 

@@ -13,10 +13,11 @@ the per-item pipeline: the training transforms, or a deterministic letterbox for
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,9 +28,10 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from detector.config import Hyperparameters
-from detector.data.augment import Sample, build_train_transforms, letterbox_sample
+from detector.data.augment import Sample, SampleSource, build_train_transforms, letterbox_sample
 from detector.data.media import IMAGE_SUFFIXES, read_image
-from detector.data.scan import folder_is_writable, label_cache_path, scan_dataset
+from detector.data.scan import check_image, folder_is_writable, label_cache_path, scan_dataset
+from detector.data.tiles import TileSource
 from detector.errors import DataError
 from detector.ops.boxes import xywhn2xyxy, xyxy2xywhn
 from detector.utils.files import atomic_write
@@ -148,8 +150,9 @@ def available_memory() -> int:
 class ImageStore:
     """Images and labels of a dataset, read and resized on demand, optionally cached.
 
-    ``load_image(i)`` returns the image resized so its long side is ``imgsz``. ``cache="ram"`` keeps those
-    arrays in memory (refused with a warning when they would not fit); ``cache="disk"`` keeps each decoded
+    ``load_image(i)`` returns the image resized so its long side is ``imgsz``, or at its original size with
+    ``full_resolution`` (tiled training, which cuts its own tiles: :mod:`detector.data.tiles`). ``cache="ram"``
+    keeps those arrays in memory (refused with a warning when they would not fit); ``cache="disk"`` keeps each decoded
     original as ``.npy`` beside its image, which loads faster than decoding a JPEG (not in a read-only folder:
     images there load uncached). ``segments`` are the scan's outlines (:attr:`ScanResult.segments`), handed
     to copy-paste by :meth:`load_polygons`.
@@ -165,6 +168,7 @@ class ImageStore:
         segments: list[list[np.ndarray]] | None = None,
         cache: str = "",
         fast_resize: bool = False,
+        full_resolution: bool = False,
         prefix: str = "",
     ) -> None:
         if cache not in ("", "ram", "disk"):
@@ -174,10 +178,14 @@ class ImageStore:
         self.segments = segments if segments is not None else [[] for _ in im_files]
         self.shapes = shapes  # (N, 2) original width, height: picks the JPEG decode reduction
         self.fast_resize = fast_resize
+        self.full_resolution = full_resolution  # images as decoded, no resize to imgsz (--train-tile)
         self.imgsz = imgsz
         self.prefix = prefix
         self.cache = cache
         self.ram: list[np.ndarray] = []  # resized images when cache == "ram" (and they fit)
+        # Added to image i's class ids by load_sample: marks the rows of pseudo-labelled images (--unlabeled) so the
+        # mark travels through every augmentation with its row (see YOLODataset.set_pseudo_labels).
+        self.class_offset = np.zeros(len(im_files), np.int64)
         if cache == "ram":
             self._fill_ram_cache()
         elif cache == "disk":
@@ -187,7 +195,7 @@ class ImageStore:
         return len(self.im_files)
 
     def load_image(self, index: int) -> np.ndarray:
-        """Image ``index`` as (h, w, 3) uint8 BGR with max(h, w) == imgsz."""
+        """Image ``index`` as (h, w, 3) uint8 BGR with max(h, w) == imgsz (its original size: full_resolution)."""
         if self.ram:
             return self.ram[index]
         return self._resize(self._decode(index))
@@ -197,7 +205,8 @@ class ImageStore:
         image = self.load_image(index)
         labels = self.labels[index]
         height, width = image.shape[:2]
-        return Sample.create(image, xywhn2xyxy(labels[:, 1:5], width, height), labels[:, 0])
+        classes = labels[:, 0] + self.class_offset[index]
+        return Sample.create(image, xywhn2xyxy(labels[:, 1:5], width, height), classes)
 
     def load_polygons(self, index: int) -> list[np.ndarray | None]:
         """For each box of :meth:`load_sample`, its outline (k, 2) float32 xy normalised to 0-1, or None (a box)."""
@@ -207,6 +216,8 @@ class ImageStore:
         return [outline if len(outline) else None for outline in outlines]
 
     def _resize(self, image: np.ndarray) -> np.ndarray:
+        if self.full_resolution:
+            return image
         return resize_long_side(image, self.imgsz, fast=self.fast_resize)
 
     def _decode(self, index: int) -> np.ndarray:
@@ -214,21 +225,23 @@ class ImageStore:
         if self.cache == "disk":
             npy = Path(path).with_suffix(".npy")
             try:
-                return np.load(npy, allow_pickle=False)
+                # Full resolution: memory-mapped, so a tile reads only its own rows, not the whole image.
+                return np.load(npy, allow_pickle=False, mmap_mode="r" if self.full_resolution else None)
             except (OSError, ValueError):
                 pass  # not written (read-only folder) or damaged: decode the image instead
-        return read_image(path, reduce=reduction_factor(int(self.shapes[index].max()), self.imgsz))
+        reduce = 1 if self.full_resolution else reduction_factor(int(self.shapes[index].max()), self.imgsz)
+        return read_image(path, reduce=reduce)
 
     def _fill_ram_cache(self) -> None:
         needed = self._estimate_ram_bytes()
         available = available_memory()
         if needed * RAM_CACHE_SAFETY > available:
             LOGGER.warning(
-                "%sWARNING: --cache ram refused: %d images at %d px need about %.1f GB (measured) but only %.1f GB "
+                "%sWARNING: --cache ram refused: %d images at %s need about %.1f GB (measured) but only %.1f GB "
                 "is free; loading continues without a cache (try --cache disk)",
                 self.prefix,
                 len(self),
-                self.imgsz,
+                "full resolution (--train-tile)" if self.full_resolution else f"{self.imgsz} px",
                 needed / 1e9,
                 available / 1e9,
             )
@@ -240,7 +253,7 @@ class ImageStore:
         LOGGER.info("%sCached %d images in RAM (%.2f GB)", self.prefix, len(self), total / 1e9)
 
     def _estimate_ram_bytes(self) -> int:
-        """Bytes of all resized images, extrapolated from decoding an even spread of up to 30 of them."""
+        """Bytes of all resized (or full-resolution) images, extrapolated from decoding an even spread of up to 30."""
         count = min(len(self), RAM_CACHE_SAMPLE)
         picks = np.linspace(0, len(self) - 1, count).round().astype(int)
         sampled = sum(self._resize(self._decode(int(i))).nbytes for i in picks)
@@ -271,6 +284,28 @@ class ImageStore:
         LOGGER.info("%sDisk cache: %d new .npy files beside the images", self.prefix, written)
 
 
+class SubsetSource:
+    """The images of a :class:`~detector.data.augment.SampleSource` that the mixing steps (mosaic, copy-paste, mixup,
+    CutMix) draw: all of them (``indices`` None), or only ``indices`` - e.g. not the ``--unlabeled`` images before
+    their first pseudo-labels, whose objects would otherwise enter other samples as background."""
+
+    def __init__(self, source: SampleSource, indices: np.ndarray | None = None) -> None:
+        self.source = source
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.source) if self.indices is None else len(self.indices)
+
+    def load_sample(self, index: int) -> Sample:
+        return self.source.load_sample(self._index(index))
+
+    def load_polygons(self, index: int) -> list[np.ndarray | None]:
+        return self.source.load_polygons(self._index(index))
+
+    def _index(self, index: int) -> int:
+        return index if self.indices is None else int(self.indices[index])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Dataset
 
@@ -282,11 +317,20 @@ class YOLODataset(Dataset):
     ``shapes`` is ``((h0, w0), ((h / h0, w / w0), (pad_w, pad_h)))`` or None when augmented. An item is fetched by
     index, or by ``(index, seed)`` from :class:`~detector.data.loader.DetectionSampler` so that augmentation
     depends on the seed only, not on worker count or order. Without a seed, index ``i`` uses seed ``(seed, i)``.
+    ``train_tile`` > 0 (training only, not with ``rect``) makes each item a random tile of that many pixels of
+    the full-resolution image instead of the whole image shrunk to ``imgsz`` (:mod:`detector.data.tiles`).
+
+    ``unlabeled`` (``--unlabeled``; not with ``rect``) adds images without labels after the labelled ones
+    (``unlabeled`` mask): they get their labels from :meth:`set_pseudo_labels` (:mod:`detector.engine.pseudo`), and
+    until then the mixing steps do not draw them (the sampler's ``drawable`` mask keeps them out of the epoch). An
+    item key may carry a pseudo-label generation (``(index, seed, closed, generation)``): a dataset copy in a
+    persistent worker that holds an older generation first reloads the labels from ``pseudo_source``.
 
     Attributes for other components: ``im_files``, ``label_files``, ``labels`` (list of (n, 5) float32
     ``[class, xywhn]``), ``segments`` (per image: [] or one (k, 2) outline per label row, see
     :attr:`~detector.data.scan.ScanResult.segments`), ``shapes`` ((N, 2) int64 original width, height),
-    ``batch_shapes``/``batch_index`` (rect).
+    ``batch_shapes``/``batch_index`` (rect), ``train_tile`` (0, or the tile side: training sees the original pixels
+    scaled by ``imgsz / train_tile``, not the image shrunk to ``imgsz``).
 
     The scan cache goes where :func:`~detector.data.scan.label_cache_path` says: beside the label folder when
     that place is writable, else (or always, with ``cache_dir``) in ``cache_dir`` or the user cache folder.
@@ -312,11 +356,18 @@ class YOLODataset(Dataset):
         seed: int = 0,
         prefix: str = "",
         auto_augment: str = "",
+        train_tile: int = 0,
+        unlabeled: SourceSpec | None = None,
     ) -> None:
+        if train_tile and (rect or not augment):
+            raise ValueError("train_tile is for augmented square training: it needs augment=True and rect=False")
+        if unlabeled and rect:
+            raise ValueError("unlabeled images cannot join rect batches (their batch shapes follow the image order)")
         self.imgsz = imgsz
         self.stride = stride
         self.augment = augment
         self.rect = rect
+        self.train_tile = train_tile  # tile side in original pixels (0 = whole images); tiles are scaled to imgsz
         self.seed = seed
         self.prefix = prefix
         self.hyp = hyp or Hyperparameters()
@@ -345,6 +396,12 @@ class YOLODataset(Dataset):
             for labels in self.labels:
                 labels[:, 0] = 0
         self._check_any_labels(label_files[0], label_root, augment)
+        self.unlabeled = np.zeros(len(self.im_files), bool)  # per image: from ``unlabeled`` (pseudo-labels only)
+        if unlabeled:
+            self._add_unlabeled(unlabeled, workers)
+        # Set by the pseudo-labeller: the generation of the labels held, and where a worker reloads newer ones.
+        self.pseudo_generation = 0
+        self.pseudo_source: Callable[[], tuple[int, Mapping[str, np.ndarray]]] | None = None
 
         self.batch_shapes = np.zeros((0, 2), np.int64)
         self.batch_index = np.zeros(len(self.im_files), np.int64)
@@ -358,22 +415,35 @@ class YOLODataset(Dataset):
             segments=self.segments,
             cache=cache,
             fast_resize=augment,
+            full_resolution=train_tile > 0,
             prefix=prefix,
         )
         # The store, not the dataset, is the mosaic/copy-paste/mixup source: no reference cycle, so the cache is freed
         # as soon as the dataset is, not at some later garbage collection.
+        self.tiles = None
+        if train_tile > 0:
+            self.tiles = TileSource(self.store, train_tile, imgsz, min_visibility=self.hyp.min_visibility)
+        source = self.store if self.tiles is None else self.tiles
+        # Mixing steps draw from the store (or its tiles) itself; with --unlabeled, only from the labelled images
+        # until the first pseudo-labels.
+        self.donors = SubsetSource(source, np.flatnonzero(~self.unlabeled)) if self.unlabeled.any() else source
         self.transforms = self.closed_transforms = None
         if augment:
-            self.transforms = build_train_transforms(self.hyp, imgsz, self.store, rect=rect, auto_augment=auto_augment)
-            self.closed_transforms = build_train_transforms(close_mosaic_hyp(self.hyp), imgsz, self.store, rect=rect)
+            self.transforms = build_train_transforms(self.hyp, imgsz, self.donors, rect=rect, auto_augment=auto_augment)
+            self.closed_transforms = build_train_transforms(close_mosaic_hyp(self.hyp), imgsz, self.donors, rect=rect)
 
     def __len__(self) -> int:
         return len(self.im_files)
 
     def __getitem__(
-        self, key: int | tuple[int, int] | tuple[int, int, bool]
+        self, key: int | tuple[int, int] | tuple[int, int, bool] | tuple[int, int, bool, int]
     ) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
-        index, item_seed, closed = (*key, False)[:3] if isinstance(key, tuple) else (key, None, False)
+        parts = key if isinstance(key, tuple) else (key,)
+        index, item_seed, closed, generation = (*parts, *(None, None, False, 0)[len(parts) :])  # missing: defaults
+        if generation > self.pseudo_generation:  # a key without one (0) takes the labels held
+            self._reload_pseudo_labels(generation)
+        if self.tiles is not None:
+            return self._tiled_item(index, item_seed, closed)
         sample = self.store.load_sample(index)
         shapes = None
         if self.rect or not self.augment:
@@ -388,6 +458,74 @@ class YOLODataset(Dataset):
             rng = np.random.default_rng(item_seed if item_seed is not None else (self.seed, index))
             sample = transforms(sample, rng)
         return (*self._to_tensors(sample), self.im_files[index], shapes)
+
+    def _tiled_item(
+        self, index: int, item_seed: int | None, closed: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, str, None]:
+        """A training item under ``train_tile``: a tile of image ``index`` through the transforms; this tile and
+        every tile the mixing steps draw are placed with the item's own generator."""
+        rng = np.random.default_rng(item_seed if item_seed is not None else (self.seed, index))
+        transforms = self.closed_transforms if closed else self.transforms
+        with self.tiles.drawing_from(rng):
+            sample = transforms(self.tiles.load_sample(index), rng)
+        return (*self._to_tensors(sample), self.im_files[index], None)
+
+    def set_pseudo_labels(self, generation: int, labels: Mapping[str, np.ndarray]) -> None:
+        """Labels for the ``unlabeled`` images, by image path: (n, 5) ``[class, xywhn]`` rows (an image not in
+        ``labels`` has none), held as generation ``generation``. Their samples carry each class as
+        ``class + num_classes``, the mark by which the trainer gives pseudo-labels their loss weight; from now on
+        the mixing steps draw every image."""
+        if self.num_classes is None:
+            raise ValueError("pseudo-labels need the dataset's num_classes (class names) to mark their rows")
+        empty = np.zeros((0, 5), np.float32)
+        for index in np.flatnonzero(self.unlabeled):
+            rows = np.asarray(labels.get(self.im_files[index], empty), np.float32).reshape(-1, 5)
+            if len(rows) and (rows[:, 0].min() < 0 or rows[:, 0].max() >= self.num_classes):
+                raise ValueError(f"pseudo-labels of {self.im_files[index]}: class ids outside 0-{self.num_classes - 1}")
+            self.labels[index] = rows  # the store shares this list
+            self.store.class_offset[index] = self.num_classes
+        if isinstance(self.donors, SubsetSource):
+            self.donors.indices = None  # labelled now: the mixing steps may draw them
+        self.pseudo_generation = generation
+
+    def _reload_pseudo_labels(self, generation: int) -> None:
+        """An item asked for pseudo-label generation ``generation``: take the current ones from ``pseudo_source``."""
+        if self.pseudo_source is None:
+            raise RuntimeError(f"item of pseudo-label generation {generation}, but the dataset has no pseudo_source")
+        current, labels = self.pseudo_source()
+        if current < generation:
+            raise RuntimeError(f"pseudo-label generation {generation} asked for, but the source holds {current}")
+        self.set_pseudo_labels(current, labels)
+
+    def _add_unlabeled(self, sources: SourceSpec, workers: int) -> None:
+        """Append the images of ``sources`` (:func:`find_images`'s sources, or a glob pattern) without labels; an
+        image already among the labelled ones is skipped, unreadable ones with a warning, as the scan does."""
+        if isinstance(sources, str) and any(char in sources for char in "*?["):
+            pattern = sources
+            matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+            sources = sorted(p for p in matches if p.lower().endswith(IMAGE_SUFFIXES))
+            if not sources:
+                raise DataError(f"--unlabeled {pattern}: no image files match")
+        labelled = {os.path.realpath(f) for f in self.im_files}
+        candidates = [str(p) for p, _ in find_images(sources) if os.path.realpath(p) not in labelled]
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, os.cpu_count() or 1, 8))) as pool:
+            checked = list(pool.map(check_image, candidates))
+        files, shapes = [], []
+        for path, (shape_wh, problem, notes) in zip(candidates, checked, strict=True):
+            for message in [*notes, *([f"{path}: {problem}; image skipped"] if problem else [])]:
+                LOGGER.warning("%sWARNING: %s", self.prefix, message)
+            if not problem:
+                files.append(path)
+                shapes.append(shape_wh)
+        if not files:
+            raise DataError(f"--unlabeled {sources}: no usable images that are not already labelled training images")
+        LOGGER.info("%s%d unlabelled images join the training set (pseudo-labelled)", self.prefix, len(files))
+        self.im_files += files
+        self.label_files += [""] * len(files)  # none: their labels come from the pseudo-labeller
+        self.labels += [np.zeros((0, 5), np.float32) for _ in files]
+        self.segments += [[] for _ in files]
+        self.shapes = np.concatenate([self.shapes, np.array(shapes, np.int64).reshape(-1, 2)])
+        self.unlabeled = np.concatenate([self.unlabeled, np.ones(len(files), bool)])
 
     def _to_tensors(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
         image = sample.image

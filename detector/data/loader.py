@@ -38,7 +38,11 @@ class DetectionSampler(Sampler[tuple[int, int]]):
     draws K times each, in a row, each with its own augmentation seed, so one batch sees K augmentations of an
     image and an epoch stays N items long. Under DDP the K copies are dealt to consecutive ranks (each process's
     batch holds different images, the global batch holds all K copies), as DeiT does.
-    After :meth:`set_closed` the items are ``(index, seed, True)``: the close-mosaic phase.
+    After :meth:`set_closed` the items are ``(index, seed, True)``: the close-mosaic phase. After
+    :meth:`set_generation` they are ``(index, seed, closed, generation)``: the pseudo-label generation the dataset
+    must hold (a persistent worker's copy reloads newer labels). :meth:`set_drawable` restricts the draws to some
+    images (e.g. not the unlabelled ones before their first pseudo-labels); the epoch keeps its length, drawing them
+    in as many fresh permutations as it takes.
     """
 
     def __init__(
@@ -59,6 +63,8 @@ class DetectionSampler(Sampler[tuple[int, int]]):
         self.num_images = num_images
         self.repeats = repeats
         self.closed = False  # close-mosaic phase: items carry a flag asking the dataset for its lighter transforms
+        self.generation = 0  # pseudo-label generation: items carry it when > 0 (see set_generation)
+        self.drawable: np.ndarray | None = None  # (N,) bool: the images an epoch draws from; None = all
         self.shuffle = shuffle
         self.seed = seed
         self.rank = max(rank, 0)
@@ -76,12 +82,30 @@ class DetectionSampler(Sampler[tuple[int, int]]):
         The sampler runs in the main process, so the flag reaches persistent workers with every item."""
         self.closed = closed
 
+    def set_generation(self, generation: int) -> None:
+        """From now on, items ask the dataset for pseudo-label generation ``generation``; runs in the main process,
+        so the number reaches persistent workers with every item (their dataset copies reload on a change)."""
+        self.generation = generation
+
+    def set_drawable(self, drawable: np.ndarray | None) -> None:
+        """Draw the epoch only from the images where ``drawable`` (N,) is true (None = all); the epoch stays
+        ``num_images`` items long."""
+        if drawable is not None:
+            drawable = np.asarray(drawable, bool).reshape(-1)
+            if len(drawable) != self.num_images or not drawable.any():
+                raise ValueError(f"drawable must be {self.num_images} flags, some true; got {drawable.sum()} true")
+            if self.image_weights is not None:
+                raise ValueError("drawable images and image weights are two sampling schemes; choose one")
+        self.drawable = drawable
+
     def set_image_weights(self, weights: np.ndarray) -> None:
         """Sample images with probability proportional to ``weights`` (N,) from now on.
 
         Under DDP the weights of rank 0 are broadcast, so all ranks draw the same list even if their
         per-class mAP came from different processes.
         """
+        if self.drawable is not None:
+            raise ValueError("image weights and drawable images are two sampling schemes; choose one")
         weights = np.asarray(weights, np.float64).reshape(-1)
         if len(weights) != self.num_images or not np.all(np.isfinite(weights)) or np.any(weights < 0):
             raise ValueError(f"image weights must be {self.num_images} finite values >= 0, got shape {weights.shape}")
@@ -96,6 +120,11 @@ class DetectionSampler(Sampler[tuple[int, int]]):
         rng = np.random.default_rng((self.seed, self.epoch))
         if self.image_weights is not None:
             order = rng.choice(self.num_images, size=self.num_images, replace=True, p=self.image_weights)
+        elif self.drawable is not None:  # as many passes over the drawable images as fill the epoch
+            pool = np.flatnonzero(self.drawable)
+            passes = -(-self.num_images // len(pool))
+            order = np.concatenate([rng.permutation(pool) if self.shuffle else pool for _ in range(passes)])
+            order = order[: self.num_images]
         elif self.shuffle:
             order = rng.permutation(self.num_images)
         else:
@@ -109,7 +138,10 @@ class DetectionSampler(Sampler[tuple[int, int]]):
             order, item_seeds = order[repeat], item_seeds[repeat]
         mine = slice(self.rank, padded, self.world_size)
         items = zip(order[mine].tolist(), item_seeds[mine].tolist(), strict=True)
-        return ((index, seed, True) for index, seed in items) if self.closed else iter(items)
+        closed, generation = self.closed, self.generation  # fixed for the epoch, even if changed while it runs
+        if generation:
+            return ((index, seed, closed, generation) for index, seed in items)
+        return ((index, seed, True) for index, seed in items) if closed else iter(items)
 
     @property
     def _per_rank(self) -> int:
@@ -227,6 +259,8 @@ def create_dataloader(
     single_cls: bool = False,
     label_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
+    train_tile: int = 0,
+    unlabeled: SourceSpec | None = None,
 ) -> tuple[DataLoader, YOLODataset]:
     """A DataLoader over a :class:`YOLODataset` and the dataset itself.
 
@@ -238,6 +272,10 @@ def create_dataloader(
     ``auto_augment`` names an automatic augmentation policy (:mod:`detector.data.policies`).
     ``cache_dir`` (``--cache-dir``; None or "" = automatic) is where the label scan cache goes; see
     :func:`detector.data.scan.label_cache_path`.
+    ``train_tile`` > 0 (``--train-tile``) trains on random tiles of that size cut from the full-resolution images
+    (:mod:`detector.data.tiles`).
+    ``unlabeled`` (``--unlabeled``) adds images without labels; the sampler leaves them out until they have
+    pseudo-labels (:mod:`detector.engine.pseudo` calls ``sampler.set_drawable(None)`` and ``set_generation``).
     """
     # Parallelism comes from the workers; OpenCV's own thread pool on top oversubscribes the CPU.
     cv2.setNumThreads(0)
@@ -262,6 +300,8 @@ def create_dataloader(
         seed=seed,
         prefix=prefix,
         auto_augment=auto_augment,
+        train_tile=train_tile,
+        unlabeled=unlabeled,
     )
     if world_size is None:
         distributed = rank >= 0 and torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -285,6 +325,8 @@ def create_dataloader(
         image_weights=weights,
         repeats=repeat_aug,
     )
+    if dataset.unlabeled.any():
+        sampler.set_drawable(~dataset.unlabeled)
     num_workers = worker_count(workers, batch_size, world_size)
     generator = torch.Generator()
     generator.manual_seed(seed)

@@ -1,4 +1,5 @@
-"""The loggers every training run gets, as hooks: console bar, results.csv/png, training-batch images, TensorBoard.
+"""The loggers every training run gets, as hooks: console bar, results.csv/png, training-batch images; and the
+TensorBoard tracker (``--logger``, :mod:`detector.engine.trackers`).
 
 Their columns come from the loss's term names (``trainer.step_record.mean_losses`` and
 ``trainer.epoch_record``): a loss that returns a new term (e.g. ``distill``) gets a ``distill_loss`` column in
@@ -281,5 +282,6 @@ class TensorBoardLogger(Callback):
 
 
 def default_loggers() -> list[Callback]:
-    """The loggers every training run gets: console bar, results.csv/png, batch images, TensorBoard."""
-    return [ConsoleLogger(), CSVLogger(), TrainingBatchPlotter(), TensorBoardLogger()]
+    """The loggers every training run gets: console bar, results.csv/png, batch images. The experiment trackers
+    (TensorBoard by default, MLflow, W&B) are chosen with ``--logger`` (:mod:`detector.engine.trackers`)."""
+    return [ConsoleLogger(), CSVLogger(), TrainingBatchPlotter()]

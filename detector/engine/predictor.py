@@ -3,7 +3,9 @@
 :class:`Predictor` loads a model of any format once (:func:`load_backend`) and turns batches of BGR frames into
 per-image :class:`Results` in original-image pixels. :func:`run_detect` is detect.py: it reads a ``--source``,
 logs one line per image, writes annotated images/videos, YOLO label files and crops into ``runs/detect/exp*``
-and ends with a speed summary. :class:`Detector` is the Python API over the same predictor.
+and ends with a speed summary. :class:`Detector` is the Python API over the same predictor. With ``tile`` set,
+each image is predicted in overlapping tiles at its original resolution (:mod:`detector.engine.tiling`); the
+Results are the same kind, in original-image pixels.
 
 Pre-processing copies each frame as few times as it can: one letterbox (resize + pad), then one copy that does
 BGR->RGB and HWC->CHW at once into the batch buffer; the uint8 batch goes to the device and becomes float there.
@@ -29,6 +31,7 @@ from detector.data.media import WRITABLE_IMAGE_SUFFIXES
 from detector.engine.backends import Backend, detections_from_output, load_backend
 from detector.engine.results import Results, write_image
 from detector.engine.sources import FileSource, Frame, SourceInput, StreamSource, open_source
+from detector.engine.tiling import TileOptions, predict_tiled, tile_grid
 from detector.errors import ConfigError, DataError
 from detector.ops.boxes import scale_boxes
 from detector.utils.checks import check_imgsz, check_threshold
@@ -53,17 +56,38 @@ class SpeedTotals:
         return {"preprocess": self.preprocess / count, "inference": self.inference / count, "nms": self.nms / count}
 
 
+class Stopwatch:
+    """Milliseconds per stage of one batch: :meth:`lap` adds the time since the previous lap to a stage."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ms = {"preprocess": 0.0, "inference": 0.0, "nms": 0.0}
+        self.input_shape: tuple[int, ...] = ()  # (B, 3, h, w) of the last batch that went through the backend
+        self._last = time_sync(device)
+
+    def lap(self, stage: str) -> None:
+        now = time_sync(self.device)
+        self.ms[stage] += (now - self._last) * 1e3
+        self._last = now
+
+
 class Predictor:
     """A model loaded once, turning BGR frames into :class:`Results`.
 
     Options are detect.py's: ``imgsz`` one or two numbers (height, width); ``conf_thres``/``iou_thres``/``max_det``
     for NMS; ``classes`` keeps only those ids; ``agnostic_nms`` suppresses across classes; ``augment`` is test-time
-    augmentation; ``half`` FP16 on CUDA; ``data`` a dataset YAML for class names.
+    augmentation; ``half`` FP16 on CUDA; ``data`` a dataset YAML for class names. ``weights`` may also be an
+    already loaded :class:`Backend`. ``multi_label`` keeps a box for every class above ``conf_thres`` (val's rule).
+
+    Tiling (:mod:`detector.engine.tiling`): ``tile`` > 0 predicts each image in overlapping ``tile`` px tiles
+    (``tile_overlap`` of a tile), each letterboxed to ``imgsz`` and batched, plus the whole image with
+    ``tile_full``; the tiles' boxes are joined by ``tile_merge`` ("nms"/"nmm") of boxes whose ``tile_match``
+    ("iou"/"ios") exceeds ``tile_match_thres`` (across classes with ``agnostic_nms``).
     """
 
     def __init__(
         self,
-        weights: str | Path,
+        weights: str | Path | Backend,
         *,
         device: str | torch.device = "",
         imgsz: int | Sequence[int] = 640,
@@ -75,12 +99,25 @@ class Predictor:
         augment: bool = False,
         half: bool = False,
         data: str | Path | None = None,
+        multi_label: bool = False,
+        tile: int = 0,
+        tile_overlap: float = 0.2,
+        tile_full: bool = False,
+        tile_merge: str = "nms",
+        tile_match: str = "ios",
+        tile_match_thres: float = 0.5,
     ) -> None:
         check_threshold("--conf-thres", conf_thres)
         check_threshold("--iou-thres", iou_thres)
         if max_det < 1:
             raise ConfigError(f"--max-det must be at least 1, got {max_det}")
-        self.backend: Backend = load_backend(weights, device, half=half, data=data or None)
+        self.tiling = TileOptions.create(
+            tile, overlap=tile_overlap, full=tile_full, merge=tile_merge, match=tile_match, match_thres=tile_match_thres
+        )
+        if isinstance(weights, Backend):
+            self.backend: Backend = weights
+        else:
+            self.backend = load_backend(weights, device, half=half, data=data or None)
         self.imgsz = check_imgsz(imgsz, self.backend.stride)
         if self.backend.fixed_hw and self.backend.fixed_hw != self.imgsz:
             LOGGER.warning(
@@ -96,6 +133,7 @@ class Predictor:
         self.classes = list(classes) if classes is not None else None
         self.agnostic_nms = agnostic_nms
         self.augment = augment
+        self.multi_label = multi_label
         self.speed = SpeedTotals()
         if self.backend.device.type == "cuda":
             self.backend.warmup(self.imgsz)
@@ -114,11 +152,23 @@ class Predictor:
             augment=config.augment,
             half=config.half,
             data=config.data,
+            tile=config.tile,
+            tile_overlap=config.tile_overlap,
+            tile_full=config.tile_full,
+            tile_merge=config.tile_merge,
+            tile_match=config.tile_match,
+            tile_match_thres=config.tile_match_thres,
         )
 
     @property
     def names(self) -> list[str]:
         return self.backend.names
+
+    def tile_count(self, shape: tuple[int, ...]) -> int:
+        """How many tiles an image of ``shape`` (h, w, ...) is cut into (1 when tiling is off)."""
+        if self.tiling is None:
+            return 1
+        return len(tile_grid(shape[0], shape[1], self.tiling.size, self.tiling.overlap))
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[Letterbox]]:
         """BGR (H, W, 3) uint8 frames -> (B, 3, h, w) float 0-1 RGB on the backend's device, and each letterbox.
@@ -140,15 +190,33 @@ class Predictor:
     def predict_images(
         self, images: Sequence[np.ndarray], paths: Sequence[str] | None = None, frames: Sequence[int] | None = None
     ) -> list[Results]:
-        """:class:`Results` for BGR (H, W, 3) uint8 images (one batch); ``paths``/``frames`` label them."""
+        """:class:`Results` for BGR (H, W, 3) uint8 images (one batch, or tile by tile each image when tiling);
+        ``paths``/``frames`` label them."""
         if not images:
             return []
-        device = self.backend.device
-        start = time_sync(device)
+        watch = Stopwatch(self.backend.device)
+        if self.tiling is None:
+            detections = self._detect(images, watch)
+        else:
+            detections = [self._detect_tiled(image, watch) for image in images]
+        input_hw = watch.input_shape[2:]
+        results = [self._to_results(found, image, input_hw) for found, image in zip(detections, images, strict=True)]
+        watch.lap("nms")
+        count = len(images)
+        speed = {stage: ms / count for stage, ms in watch.ms.items()}
+        for i, result in enumerate(results):
+            result.speed = dict(speed)
+            result.path = paths[i] if paths else f"image{i}"
+            result.frame = frames[i] if frames else 0
+        self._add_speed(speed, count, watch.input_shape)
+        return results
+
+    def _detect(self, images: Sequence[np.ndarray], watch: Stopwatch) -> list[torch.Tensor]:
+        """Per image (n, 6) float ``[x1, y1, x2, y2, conf, class]`` in its own pixels, the images as one batch."""
         tensor, letterboxes = self.preprocess(images)
-        preprocessed = time_sync(device)
+        watch.lap("preprocess")
         output = self._infer(tensor)
-        inferred = time_sync(device)
+        watch.lap("inference")
         detections = detections_from_output(
             output,
             self.backend.end2end,
@@ -157,24 +225,28 @@ class Predictor:
             classes=self.classes,
             agnostic=self.agnostic_nms,
             max_det=self.max_det,
+            multi_label=self.multi_label,
         )
-        results = [
-            self._to_results(found, info, image, tuple(tensor.shape[2:]))
-            for found, info, image in zip(detections, letterboxes, images, strict=True)
-        ]
-        finished = time_sync(device)
-        count = len(images)
-        speed = {
-            "preprocess": (preprocessed - start) * 1e3 / count,
-            "inference": (inferred - preprocessed) * 1e3 / count,
-            "nms": (finished - inferred) * 1e3 / count,
-        }
-        for i, result in enumerate(results):
-            result.speed = dict(speed)
-            result.path = paths[i] if paths else f"image{i}"
-            result.frame = frames[i] if frames else 0
-        self._add_speed(speed, count, tuple(tensor.shape))
-        return results
+        input_hw = tuple(tensor.shape[2:])
+        detections = [found.float() for found in detections]
+        for found, info, image in zip(detections, letterboxes, images, strict=True):
+            scale_boxes(found[:, :4], input_hw, image.shape[:2], ratio_pad=(info.ratio, info.pad))
+        watch.input_shape = tuple(tensor.shape)
+        watch.lap("nms")
+        return detections
+
+    def _detect_tiled(self, image: np.ndarray, watch: Stopwatch) -> torch.Tensor:
+        """(n, 6) detections of one image predicted tile by tile, in its pixels; the merge counts as NMS time."""
+        assert self.tiling is not None
+        detections = predict_tiled(
+            image,
+            self.tiling,
+            lambda crops: self._detect(crops, watch),
+            agnostic=self.agnostic_nms,
+            max_det=self.max_det,
+        )
+        watch.lap("nms")
+        return detections
 
     def predict_frames(self, frames: Sequence[Frame]) -> list[Results]:
         """:class:`Results` for a batch of source frames."""
@@ -193,12 +265,10 @@ class Predictor:
             outputs.append(self.backend(chunk, augment=self.augment)[:count])
         return torch.cat(outputs)
 
-    def _to_results(
-        self, detections: torch.Tensor, info: Letterbox, image: np.ndarray, input_shape: tuple[int, ...]
-    ) -> Results:
-        boxes = scale_boxes(detections[:, :4].float(), input_shape, image.shape[:2], ratio_pad=(info.ratio, info.pad))
+    def _to_results(self, detections: torch.Tensor, image: np.ndarray, input_shape: tuple[int, ...]) -> Results:
+        """Results of (n, 6) detections already in ``image``'s pixels; ``input_shape`` (h, w) of the model input."""
         return Results(
-            boxes=boxes.cpu().numpy().astype(np.float32, copy=False),
+            boxes=detections[:, :4].cpu().numpy().astype(np.float32, copy=False),
             confidences=detections[:, 4].float().cpu().numpy(),
             class_ids=detections[:, 5].cpu().numpy().astype(np.int64),
             names=tuple(self.names),
@@ -237,6 +307,7 @@ class Detector:
     image path, a BGR (H, W, 3) uint8 array, a list of paths/arrays, a folder, a glob, a .txt list or a video
     file -> a list of :class:`Results`, one per image or video frame. Long videos, webcams and stream URLs are
     read lazily with :meth:`stream` (results keep their frame, so a list of a long video holds every frame).
+    ``tile=640`` (and the other ``tile_*`` options, see :class:`Predictor`) predicts in tiles, for small objects.
     """
 
     def __init__(
@@ -253,6 +324,12 @@ class Detector:
         augment: bool = False,
         half: bool = False,
         data: str | Path | None = None,
+        tile: int = 0,
+        tile_overlap: float = 0.2,
+        tile_full: bool = False,
+        tile_merge: str = "nms",
+        tile_match: str = "ios",
+        tile_match_thres: float = 0.5,
     ) -> None:
         self.predictor = Predictor(
             weights,
@@ -266,6 +343,12 @@ class Detector:
             augment=augment,
             half=half,
             data=data,
+            tile=tile,
+            tile_overlap=tile_overlap,
+            tile_full=tile_full,
+            tile_merge=tile_merge,
+            tile_match=tile_match,
+            tile_match_thres=tile_match_thres,
         )
 
     @property
@@ -420,8 +503,11 @@ def run_detect(config: DetectConfig, source: FileSource | StreamSource | None = 
         try:
             for frame, result in predictor.stream(source):
                 height, width = result.input_shape
+                shape = f"{height}x{width}"
+                if predictor.tiling is not None:
+                    shape = f"{predictor.tile_count(frame.image.shape)} tiles of {shape}"
                 speed = result.speed["inference"]
-                LOGGER.info("%s: %dx%d %s, %.1fms", frame.describe(), height, width, result.summary(), speed)
+                LOGGER.info("%s: %s %s, %.1fms", frame.describe(), shape, result.summary(), speed)
                 outputs.write(frame, result)
                 viewer.show(frame.path if frame.kind != "image" else "detector", frame.image)  # one window per stream
         finally:

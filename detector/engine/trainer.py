@@ -63,6 +63,7 @@ from detector.engine.ema import ModelEMA
 from detector.engine.hooks import default_hooks
 from detector.engine.loggers import memory_usage
 from detector.engine.optim import accumulate_steps, build_optimizer, scaled_weight_decay
+from detector.engine.pseudo import PseudoLabeler, unmark_pseudo_targets
 from detector.engine.schedules import (
     LRSchedule,
     build_schedule,
@@ -71,6 +72,7 @@ from detector.engine.schedules import (
     warmup_iterations,
 )
 from detector.engine.state import Checkpointer, TrainState
+from detector.engine.trackers import build_loggers, check_loggers
 from detector.engine.validator import Validator, create_val_dataloader
 from detector.errors import CheckpointError, ConfigError
 from detector.models.autoanchor import check_anchors
@@ -256,6 +258,7 @@ class Trainer:
         self.started = self.clock()  # --time counts from here: data set-up and the final validation included
         check_train_config(config)
         schedule_class(config.lr_schedule)  # an unknown schedule is refused before any work
+        check_loggers(config.logger)  # so is an unknown --logger, or one whose package is missing
         self.config = config
         self.log_buffer = start_log_buffer()  # log.txt starts here, though the run folder comes later
         self.log_handler: logging.Handler | None = None
@@ -284,6 +287,8 @@ class Trainer:
                     remove_file_log(handler)
             raise
         self.callbacks = self.build_hooks()
+        if config.unlabeled:  # the option's own machinery: kept when a subclass replaces the default hooks
+            self.callbacks.add(PseudoLabeler())
         if isinstance(callbacks, Callbacks) or callbacks:
             self.callbacks.extend(callbacks)
         self.validator: Validator | None = None
@@ -383,6 +388,8 @@ class Trainer:
             single_cls=config.single_cls,
             label_dir=data.root / data.labels if data.labels else None,
             cache_dir=config.cache_dir,
+            train_tile=config.train_tile,
+            unlabeled=config.unlabeled or None,
         )
         return loader
 
@@ -431,8 +438,10 @@ class Trainer:
         return DetectionLoss(self.model, hyp, self.config.label_smoothing, class_weights)
 
     def build_hooks(self) -> Callbacks:
-        """The default hooks (:func:`detector.engine.hooks.default_hooks`); the caller's run after them."""
-        return Callbacks(default_hooks())
+        """The default hooks (:func:`detector.engine.hooks.default_hooks`), then the ``--logger`` trackers
+        (:func:`detector.engine.trackers.build_loggers`: after the checkpoint hook, so at the end they find the final
+        plots and weights); the caller's run after them."""
+        return Callbacks([*default_hooks(), *build_loggers(self.config.logger)])
 
     # -- set-up -----------------------------------------------------------------------------------------------------
 
@@ -651,18 +660,23 @@ class Trainer:
         """
         state = self.state
         images_uint8, targets, paths = batch[0], batch[1], batch[2]
+        target_weights = None
+        if self.config.unlabeled:  # pseudo-label rows arrive as class + nc: their class, and --pseudo-weight
+            targets, target_weights = unmark_pseudo_targets(targets, len(self.names), self.config.pseudo_weight)
         self.last_batch = (images_uint8, targets, paths)
         will_step = (
             self.accumulated + 1 >= self.accumulate_at(state.iteration) or state.batch_index == self.num_batches - 1
         )
         images = images_uint8.to(self.device, non_blocking=True).to(memory_format=self.memory_format).float() / 255
         targets = targets.to(self.device)
+        if target_weights is not None:
+            target_weights = target_weights.to(self.device)
         if self.config.multi_scale and not state.mosaic_closed:
             images = resize_batch(images, random_image_size(self.imgsz, self.stride, self.scale_rng), self.stride)
         sync = nullcontext() if will_step or not self.context.is_distributed else self.train_model.no_sync()
         state.stepped = False
         with sync:
-            loss, terms = self._forward(images, targets)
+            loss, terms = self._forward(images, targets, target_weights)
             finite = distributed.all_ranks_true(bool(torch.isfinite(loss)), self.context, self.device)
             if finite:
                 self.timed("backward", lambda: self.scaler.scale(loss).backward())
@@ -694,14 +708,18 @@ class Trainer:
             return self.accumulate
         return warmup_accumulate_steps(iteration, self.warmup_iterations, self.config.batch_size, self.config.nbs)
 
-    def _forward(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Mapping[str, Tensor]]:
-        """The loss to backpropagate and its named terms."""
+    def _forward(
+        self, images: Tensor, targets: Tensor, target_weights: Tensor | None = None
+    ) -> tuple[Tensor, Mapping[str, Tensor]]:
+        """The loss to backpropagate and its named terms; ``target_weights`` (N,) go to the loss only when given
+        (pseudo-labels), so a loss without a weights argument serves every other run."""
         autocast = (
             torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         )
         with autocast:
             raw = self.timed("forward", lambda: self.train_model(images))
-            terms = self.timed("loss", lambda: self.loss_fn(raw, targets))
+            weighted = () if target_weights is None else (target_weights,)
+            terms = self.timed("loss", lambda: self.loss_fn(raw, targets, *weighted))
         loss = sum(terms.values()) * images.shape[0]  # YOLOv5's scale: lr0 in hyp files assumes it
         if self.context.is_distributed:
             loss = loss * self.context.world_size  # DDP averages gradients over ranks; the loss is a per-batch sum

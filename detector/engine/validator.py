@@ -12,6 +12,10 @@ The model is either
 Predictions and labels are both mapped back to original-image pixels (the letterbox undone, boxes clipped)
 before matching, which is the frame pycocotools sees in the ``--save-json`` results.
 
+With ``config.tile`` (val.py ``--tile``) the loader's letterboxed batches are not used: each image is read whole
+at its original resolution and predicted tile by tile by detect.py's :class:`~detector.engine.predictor.Predictor`
+(:mod:`detector.engine.tiling`), one image at a time, and matched the same way.
+
 :func:`run_validation` is what ``val.py`` calls: run folder, dataset, backend, dataloader, Validator, COCO JSON
 and pycocotools, and the ``speed`` and ``study`` tasks.
 """
@@ -41,6 +45,7 @@ from detector.engine.coco_eval import (
     predictions_to_coco,
     write_json,
 )
+from detector.engine.tiling import TileOptions
 from detector.errors import CheckpointError, ConfigError
 from detector.models.loss import LossFunction
 from detector.ops.boxes import clip_boxes, xywhn2xyxy, xyxy2xywhn
@@ -130,6 +135,8 @@ class Validator:
         """
         if loss_fn is not None and not hasattr(model, "forward_raw"):
             raise ValueError("loss_fn needs an in-memory DetectionModel (with forward_raw), not an exported backend")
+        if loss_fn is not None and self.config.tile:
+            raise ValueError("tiled validation (config.tile) computes no loss; validate with tile 0 for loss_fn")
         device = _device_of(model)
         was_training = model.training if isinstance(model, nn.Module) else None
         if isinstance(model, nn.Module):
@@ -145,25 +152,28 @@ class Validator:
         num_images = largest_batch = 0
         batches = tqdm(dataloader, desc=_format_row(TABLE_HEADER), disable=not self.progress, leave=False)
         try:
-            for images, targets, paths, shapes in batches:
-                start = time_sync(device)
-                inputs = images.to(device, non_blocking=True).float().div_(255)
-                targets = targets.to(device)
-                preprocessed = time_sync(device)
-                predictions, loss_terms = self._forward(model, inputs, targets, loss_fn)
-                for name, term in loss_terms.items():
-                    loss_sums[name] = loss_sums.get(name, 0.0) + term.detach().float()
-                inferred = time_sync(device)
-                detections = self._detections(model, predictions)
-                suppressed = time_sync(device)
-                self._update(stats, detections, targets, tuple(inputs.shape[2:]), paths, shapes)
-                matched = time.perf_counter()
-                seconds += np.array([preprocessed - start, inferred - preprocessed, suppressed - inferred, 0.0])
-                seconds[3] += matched - suppressed
-                num_images += images.shape[0]
-                largest_batch = max(largest_batch, images.shape[0])
-                if self.plots:
-                    self._collect_for_plots(images, targets, detections, paths)
+            if self.config.tile:
+                num_images, largest_batch = self._run_tiled(model, dataloader, stats, seconds), 1
+            else:
+                for images, targets, paths, shapes in batches:
+                    start = time_sync(device)
+                    inputs = images.to(device, non_blocking=True).float().div_(255)
+                    targets = targets.to(device)
+                    preprocessed = time_sync(device)
+                    predictions, loss_terms = self._forward(model, inputs, targets, loss_fn)
+                    for name, term in loss_terms.items():
+                        loss_sums[name] = loss_sums.get(name, 0.0) + term.detach().float()
+                    inferred = time_sync(device)
+                    detections = self._detections(model, predictions)
+                    suppressed = time_sync(device)
+                    self._update(stats, detections, targets, tuple(inputs.shape[2:]), paths, shapes)
+                    matched = time.perf_counter()
+                    seconds += np.array([preprocessed - start, inferred - preprocessed, suppressed - inferred, 0.0])
+                    seconds[3] += matched - suppressed
+                    num_images += images.shape[0]
+                    largest_batch = max(largest_batch, images.shape[0])
+                    if self.plots:
+                        self._collect_for_plots(images, targets, detections, paths)
         finally:
             if was_training is not None:
                 model.train(was_training)
@@ -212,6 +222,63 @@ class Validator:
             for image_detections in detections:
                 image_detections[:, 5] = 0
         return detections
+
+    def _run_tiled(self, model: Any, dataloader: Any, stats: DetectionStats, seconds: np.ndarray) -> int:
+        """``config.tile``: every image of the loader's dataset read whole and predicted tile by tile, then matched
+        as a batch of one image with no letterbox to undo. Adds to ``stats``/``seconds``; returns the image count.
+
+        ``model`` must be a backend (:func:`~detector.engine.backends.load_backend`), and the loader's dataset a
+        YOLODataset (``im_files``, ``labels``). Detections come from detect.py's Predictor with this config's
+        thresholds, multi-label as the batched path, merged across classes with ``single_cls``.
+        """
+        from detector.data.media import read_image
+        from detector.engine.backends import Backend
+        from detector.engine.predictor import Predictor
+
+        if not isinstance(model, Backend):
+            raise ValueError("tiled validation (config.tile) needs a backend from load_backend, not a torch module")
+        dataset = dataloader.dataset
+        config = self.config
+        if config.tile_merge == "nmm" and config.conf_thres < CONFUSION_CONF:
+            LOGGER.warning(
+                "WARNING: --tile-merge nmm at --conf-thres %g: confident boxes grow into the unlikely larger boxes "
+                "around them; --tile-merge nms suits validation's low threshold",
+                config.conf_thres,
+            )
+        predictor = Predictor(
+            model,
+            imgsz=config.imgsz,
+            conf_thres=config.conf_thres,
+            iou_thres=config.iou_thres,
+            max_det=config.max_det,
+            agnostic_nms=config.single_cls,
+            augment=config.augment,
+            multi_label=True,
+            tile=config.tile,
+            tile_overlap=config.tile_overlap,
+            tile_full=config.tile_full,
+            tile_merge=config.tile_merge,
+            tile_match=config.tile_match,
+            tile_match_thres=config.tile_match_thres,
+        )
+        images = tqdm(dataset.im_files, desc=_format_row(TABLE_HEADER), disable=not self.progress, leave=False)
+        for path, labels in zip(images, dataset.labels, strict=True):
+            start = time.perf_counter()
+            image = read_image(path)
+            seconds[0] += time.perf_counter() - start
+            result = predictor.predict_images([image], [path])[0]
+            seconds[:3] += [result.speed[stage] / 1e3 for stage in ("preprocess", "inference", "nms")]
+            start = time.perf_counter()
+            columns = (result.boxes, result.confidences[:, None], result.class_ids[:, None] * (not config.single_cls))
+            detections = torch.from_numpy(np.concatenate(columns, 1).astype(np.float32))
+            targets = torch.from_numpy(np.concatenate([np.zeros((len(labels), 1)), labels], 1).astype(np.float32))
+            original_hw = (image.shape[0], image.shape[1])
+            no_letterbox = (original_hw, ((1.0, 1.0), (0.0, 0.0)))
+            self._update(stats, [detections], targets, original_hw, [path], [no_letterbox])
+            if self.plots:
+                self._collect_whole_image_for_plots(image, targets, detections, path)
+            seconds[3] += time.perf_counter() - start
+        return len(dataset.im_files)
 
     # -- per batch ------------------------------------------------------------------------------------------------
 
@@ -316,9 +383,11 @@ class Validator:
                 )
                 LOGGER.info(_format_row(row))
         if not self.training and largest_batch:
-            LOGGER.info(
-                "Speed: %s (batches of up to %d images, long side %d)", metrics.speed, largest_batch, self.config.imgsz
-            )
+            if self.config.tile:
+                shape = f"whole images in {self.config.tile} px tiles at {self.config.imgsz}"
+            else:
+                shape = f"batches of up to {largest_batch} images, long side {self.config.imgsz}"
+            LOGGER.info("Speed: %s (%s)", metrics.speed, shape)
 
     def _collect_for_plots(
         self, images: Tensor, targets: Tensor, detections: list[Tensor], paths: Sequence[str]
@@ -332,6 +401,19 @@ class Validator:
             labels = np.concatenate([xywhn2xyxy(rows[:, 2:6], width, height), np.ones((len(rows), 1)), rows[:, 1:2]], 1)
             predicted = detections[i].detach().float().cpu().numpy()
             self._plot_items.append((images[i].cpu().numpy(), labels, predicted, paths[i]))
+
+    def _collect_whole_image_for_plots(self, image: np.ndarray, targets: Tensor, detections: Tensor, path: str) -> None:
+        """:meth:`_collect_for_plots` for one original-resolution BGR image, shrunk to the long side ``imgsz``."""
+        from detector.data.dataset import resize_long_side
+
+        if len(self._plot_items) >= PLOTTED_MOSAICS * MOSAIC_IMAGES:
+            return
+        small = resize_long_side(image, self.config.imgsz)
+        scaled = detections.clone()
+        scaled[:, [0, 2]] *= small.shape[1] / image.shape[1]
+        scaled[:, [1, 3]] *= small.shape[0] / image.shape[0]
+        chw = torch.from_numpy(np.ascontiguousarray(small.transpose(2, 0, 1)[::-1]))  # BGR HWC -> RGB CHW
+        self._collect_for_plots(chw[None], targets, [scaled], [path])
 
     def _plot_batches(self) -> None:
         """val_batch{k}_labels.jpg and val_batch{k}_pred.jpg, 16 images each, side by side in the run folder."""
@@ -365,6 +447,7 @@ def _check_thresholds(config: ValConfig) -> None:
         check_threshold(f"--{key.replace('_', '-')}", getattr(config, key))
     if config.max_det < 1:
         raise ConfigError(f"--max-det must be at least 1, got {config.max_det}")
+    TileOptions.from_config(config)  # raises on invalid --tile* values
 
 
 def _device_of(model: Any) -> torch.device:

@@ -87,11 +87,14 @@ def dataset_box_sizes(dataset: Any, imgsz: int, rng: np.random.Generator | None 
 
     ``dataset`` needs ``labels`` (list of (n, 5) arrays [class, x, y, w, h] normalised) and ``shapes`` ((images, 2)
     original width, height). With ``rng``, each image's boxes are scaled by a factor drawn from U(0.9, 1.1).
+    A dataset with ``train_tile`` > 0 (``--train-tile``) trains on tiles of the original pixels scaled by
+    ``imgsz / train_tile``, so its boxes are sized by that factor instead of by the letterbox of the whole image.
     """
     shapes = np.asarray(dataset.shapes, dtype=np.float64).reshape(-1, 2)
     if len(shapes) != len(dataset.labels):
         raise ValueError(f"dataset has {len(dataset.labels)} label arrays but {len(shapes)} image shapes")
-    letterboxed = imgsz * shapes / shapes.max(axis=1, keepdims=True)
+    tile = int(getattr(dataset, "train_tile", 0) or 0)
+    letterboxed = shapes * imgsz / tile if tile > 0 else imgsz * shapes / shapes.max(axis=1, keepdims=True)
     if rng is not None:
         letterboxed = letterboxed * rng.uniform(*SIZE_JITTER, size=(len(shapes), 1))
     sizes = [

@@ -11,6 +11,12 @@ For every ground-truth box and every output level the loss
    target of the cell (highest IoU wins when several targets land on one cell and anchor), and BCE on one-hot
    class targets (only when there is more than one class).
 
+Optional per-target weights (e.g. pseudo-labels at a lower weight, :mod:`detector.engine.pseudo`) turn each mean
+into a weighted mean: the box term over the target's assignments, the class BCE over its rows, and the objectness
+BCE of the cells it is assigned to (the highest weight of the targets sharing a cell; every other cell weighs 1).
+A target of weight 0 thus counts as absent from the box and class terms and leaves its cells out of the objectness
+term (neither object nor background). Weights all 1 give exactly the unweighted loss.
+
 Level losses are weighted by a per-level balance (more weight on the fine, many-cell P3 level), multiplied by
 the ``box``/``obj``/``cls`` gains of :class:`~detector.config.Hyperparameters` (scale them once with
 :func:`scale_loss_gains`) and returned as named terms. The trainer minimises their sum multiplied by the batch
@@ -114,6 +120,7 @@ class LevelTargets(NamedTuple):
     ``image``, ``anchor``, ``grid_y``, ``grid_x``: int64 (n,) index into the level's (B, na, H, W) map.
     ``boxes``: float (n, 4) target box as (x, y) offset from the cell's top-left corner and (w, h), grid units.
     ``anchors``: float (n, 2) anchor (w, h) in grid units. ``classes``: int64 (n,).
+    ``target``: int64 (n,) the row of ``targets`` each assignment comes from (to look up per-target weights).
     """
 
     image: Tensor
@@ -123,6 +130,7 @@ class LevelTargets(NamedTuple):
     boxes: Tensor
     anchors: Tensor
     classes: Tensor
+    target: Tensor
 
 
 def assign_targets(
@@ -169,7 +177,20 @@ def assign_targets(
         boxes=torch.cat((centres - cells, sizes), dim=1),
         anchors=anchors[anchor_index[pair]],
         classes=targets[matched, 1].long(),
+        target=matched,
     )
+
+
+def weighted_mean(losses: Tensor, weights: Tensor | None = None) -> Tensor:
+    """``losses.mean()``, or with ``weights`` (broadcastable to ``losses``) the weighted mean
+    ``sum(weights * losses) / sum(weights)`` over all elements (0 when every weight is 0).
+
+    With weights all 1 this is bit for bit the plain mean: ``mean`` is the same sum divided by the element count.
+    """
+    if weights is None:
+        return losses.mean()
+    weights = weights.expand_as(losses)
+    return (losses * weights).sum() / weights.sum().clamp(min=torch.finfo(losses.dtype).tiny)
 
 
 def cell_index(assigned: LevelTargets, map_shape: torch.Size) -> Tensor:
@@ -204,6 +225,9 @@ class DetectionLoss:
     class_weights: optional float (nc,) per-class weights (e.g. inverse class frequency), applied to each class
         column of the class BCE; renormalised to mean 1 so the loss scale stays comparable.
     objectness_iou_ratio: YOLOv5's ``gr``: the objectness target is ``(1 - gr) + gr * IoU``.
+
+    ``class_loss`` and ``object_loss`` are element-wise criteria (reduction "none"); the loss takes their (weighted)
+    means itself, which with no weights is exactly what a "mean" criterion returns.
     """
 
     def __init__(
@@ -230,23 +254,28 @@ class DetectionLoss:
                 raise ValueError(f"class_weights: expected {self.nc} finite non-negative values, got {weight}")
             weight = weight * (self.nc / weight.sum().clamp(min=1e-12))
         self.class_loss: nn.Module = nn.BCEWithLogitsLoss(
-            pos_weight=torch.tensor([hyp.cls_pw], device=device), weight=weight
+            pos_weight=torch.tensor([hyp.cls_pw], device=device), weight=weight, reduction="none"
         )
-        self.object_loss: nn.Module = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([hyp.obj_pw], device=device))
+        self.object_loss: nn.Module = nn.BCEWithLogitsLoss(
+            pos_weight=torch.tensor([hyp.obj_pw], device=device), reduction="none"
+        )
         if hyp.fl_gamma > 0:
             self.class_loss = FocalLoss(self.class_loss, hyp.fl_gamma)
             self.object_loss = FocalLoss(self.object_loss, hyp.fl_gamma)
 
-    def __call__(self, raw_maps: list[Tensor], targets: Tensor) -> dict[str, Tensor]:
-        """raw_maps: nl tensors (B, na, H_i, W_i, 5 + nc) of raw logits; targets: (N, 6) [image, class, xywhn].
+    def __call__(self, raw_maps: list[Tensor], targets: Tensor, weights: Tensor | None = None) -> dict[str, Tensor]:
+        """raw_maps: nl tensors (B, na, H_i, W_i, 5 + nc) of raw logits; targets: (N, 6) [image, class, xywhn];
+        weights: optional float (N,) >= 0, each target's weight (see the module docstring; None = all 1).
 
         Returns the named terms ``{"box", "obj", "cls"}``, scalar tensors with gradients (gains applied). The
         trainer minimises their sum times the batch size (YOLOv5's scale, see the module docstring); logs and
         results.csv show the terms themselves, as ``box_loss``, ``obj_loss`` and ``cls_loss``.
         """
-        self._check_inputs(raw_maps, targets)
+        self._check_inputs(raw_maps, targets, weights)
         device = raw_maps[0].device
         targets = targets.to(device=device, dtype=torch.float32)
+        if weights is not None:
+            weights = weights.to(device=device, dtype=torch.float32)
         anchors = self.head.anchors.to(device=device, dtype=torch.float32)
         box_loss = torch.zeros((), device=device)
         object_loss = torch.zeros((), device=device)
@@ -256,22 +285,38 @@ class DetectionLoss:
             cells = cell_index(assigned, raw.shape)
             objectness, predictions = gather_objectness_and_rows(raw, cells)
             object_target = torch.zeros_like(objectness)
+            object_weights = None
             if len(cells):
-                level_box, level_class = self._positive_losses(predictions, assigned, cells, object_target)
+                assigned_weights = weights[assigned.target] if weights is not None else None
+                level_box, level_class = self._positive_losses(
+                    predictions, assigned, cells, object_target, assigned_weights
+                )
                 box_loss = box_loss + level_box
                 class_loss = class_loss + level_class
-            object_loss = object_loss + self.object_loss(objectness, object_target) * self.balance[level]
+                if assigned_weights is not None:  # a cell of several targets takes the highest weight
+                    object_weights = torch.ones_like(objectness)
+                    object_weights.view(-1).scatter_reduce_(
+                        0, cells, assigned_weights, reduce="amax", include_self=False
+                    )
+            level_object = weighted_mean(self.object_loss(objectness, object_target), object_weights)
+            object_loss = object_loss + level_object * self.balance[level]
 
         return {"box": box_loss * self.hyp.box, "obj": object_loss * self.hyp.obj, "cls": class_loss * self.hyp.cls}
 
     def _positive_losses(
-        self, predictions: Tensor, assigned: LevelTargets, cells: Tensor, object_target: Tensor
+        self,
+        predictions: Tensor,
+        assigned: LevelTargets,
+        cells: Tensor,
+        object_target: Tensor,
+        weights: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Box and class loss of the (n, 5 + nc) assigned predictions; writes their IoU into ``object_target``."""
+        """Box and class loss of the (n, 5 + nc) assigned predictions (weighted means with ``weights`` (n,));
+        writes their IoU into ``object_target``."""
         xy = predictions[:, 0:2].sigmoid() * 2 - 0.5
         wh = (predictions[:, 2:4].sigmoid() * 2) ** 2 * assigned.anchors
         ciou = bbox_ciou(torch.cat((xy, wh), dim=1), assigned.boxes)
-        box_loss = (1.0 - ciou).mean()
+        box_loss = weighted_mean(1.0 - ciou, weights)
 
         iou = ciou.detach().clamp(min=0)
         iou = (1.0 - self.objectness_iou_ratio) + self.objectness_iou_ratio * iou
@@ -285,9 +330,10 @@ class DetectionLoss:
         class_target = torch.full_like(class_logits, self.negative_target)
         rows = torch.arange(len(class_logits), device=predictions.device)
         class_target[rows, assigned.classes] = self.positive_target
-        return box_loss, self.class_loss(class_logits, class_target)
+        row_weights = weights[:, None] if weights is not None else None
+        return box_loss, weighted_mean(self.class_loss(class_logits, class_target), row_weights)
 
-    def _check_inputs(self, raw_maps: list[Tensor], targets: Tensor) -> None:
+    def _check_inputs(self, raw_maps: list[Tensor], targets: Tensor, weights: Tensor | None = None) -> None:
         if len(raw_maps) != self.nl:
             raise ValueError(f"DetectionLoss: expected {self.nl} raw output maps, got {len(raw_maps)}")
         expected = (self.na, 5 + self.nc)
@@ -300,6 +346,10 @@ class DetectionLoss:
         if targets.ndim != 2 or targets.shape[1] != 6:
             raise ValueError(
                 f"DetectionLoss: targets must be (N, 6) [image, class, x, y, w, h], got {tuple(targets.shape)}"
+            )
+        if weights is not None and tuple(weights.shape) != (len(targets),):
+            raise ValueError(
+                f"DetectionLoss: weights must be ({len(targets)},), one per target, got {tuple(weights.shape)}"
             )
 
 

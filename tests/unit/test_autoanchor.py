@@ -59,6 +59,15 @@ def test_dataset_box_sizes_scale_by_letterbox_and_jitter():
     assert 0.9 <= scale[0] <= 1.1 and scale[0] == pytest.approx(scale[1])
 
 
+def test_dataset_box_sizes_of_tiled_training_keep_the_original_pixels():
+    # --train-tile 640 at --img 320: a 4000x3000 image is cut into 640-pixel tiles scaled by 1/2, so a box of
+    # 0.01 x 0.01 (40 x 30 original pixels) trains at 20 x 15, not at the whole-image letterbox's 3.2 x 2.4.
+    dataset = SimpleNamespace(
+        labels=[np.array([[0, 0.5, 0.5, 0.01, 0.01]], np.float32)], shapes=np.array([[4000, 3000]]), train_tile=640
+    )
+    assert np.allclose(dataset_box_sizes(dataset, imgsz=320), [[20.0, 15.0]])
+
+
 def test_check_anchors_refits_thin_tall_boxes():
     rng = np.random.default_rng(1)
     sizes = np.stack([rng.uniform(3, 8, 300), rng.uniform(150, 400, 300)], axis=1)  # 1:20-1:130 boxes

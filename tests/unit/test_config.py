@@ -227,7 +227,7 @@ def test_readme_starts_with_the_two_fresh_machine_commands() -> None:
     first_block = readme.split("```")[1]
     assert first_block.splitlines()[1:] == [
         'pip install -e ".[dev]" && python train.py',
-        'pip install -e ".[dev]" && pytest -q',
+        'pip install -e ".[dev]" && pytest -q -n 2',
     ]
 
 

@@ -137,7 +137,16 @@ def test_resume_takes_the_saved_config_and_allows_safe_flags(tmp_path):
     assert config.resume == str(path)
     assert (config.data, config.imgsz, config.hyp.lr0) == ("d.yaml", 64, 0.03)  # saved values, imgsz unchanged
     assert (config.epochs, config.batch_size, config.workers) == (9, 4, 0)  # safe to change
-    assert set(SAFE_RESUME_KEYS) == {"workers", "device", "batch_size", "epochs", "patience", "cache_dir", "time"}
+    assert set(SAFE_RESUME_KEYS) == {
+        "workers",
+        "device",
+        "batch_size",
+        "epochs",
+        "patience",
+        "cache_dir",
+        "time",
+        "logger",
+    }
 
 
 def test_resume_of_a_finished_run_says_how_to_extend_it(tmp_path):
