@@ -189,6 +189,57 @@ register_trick(
     "model YAML activation: nn.LeakyReLU(0.1)",
     {"model.activation": "nn.LeakyReLU(0.1)"},
 )
+register_trick(
+    "sparsity",
+    "network slimming's L1 penalty 1e-4 on BatchNorm scales (the accuracy it costs before pruning)",
+    "--sparsity 1e-4",
+    {"sparsity": 1e-4},
+)
+# Speed and memory switches: the same training (the table's throughput column shows their effect).
+register_trick(
+    "channels-last",
+    "NHWC memory format for the model and batches (auto already uses it on the CPU)",
+    "--channels-last",
+    {"channels_last": "on"},
+)
+register_trick("compile", "torch.compile of the training model", "--compile", {"compile": True})
+register_trick(
+    "grad-checkpoint",
+    "activation checkpointing of the backbone and neck: less memory, more compute",
+    "--grad-checkpoint",
+    {"grad_checkpoint": True},
+)
+
+register_trick("sam", "sharpness-aware minimisation (SAM), rho 0.05: two passes per batch", "--sam 0.05", {"sam": 0.05})
+register_trick(
+    "asam",
+    "adaptive SAM (ASAM): the perturbation scaled by the weights' magnitudes, rho 0.5",
+    "--sam 0.5 --sam-adaptive",
+    {"sam": 0.5, "sam_adaptive": True},
+)
+register_trick("no-clip", "no gradient-norm clipping (the default clips at 10)", "--clip-grad 0", {"clip_grad": 0.0})
+# Small-batch normalisation and ACNet (detector/models/norms.py, acnet.py); short warm-ups to suit short runs.
+register_trick(
+    "ghost-bn",
+    "Ghost BatchNorm: statistics per virtual batch of 4 images",
+    "--norm ghost --virtual-batch-size 4",
+    {"norm": "ghost", "norm_options.virtual_batch_size": 4},
+)
+register_trick(
+    "batch-renorm",
+    "Batch Renormalization, bounds opening to rmax 3, dmax 5 over 50 batches",
+    "--norm brn (norm_options.renorm_warmup: 50)",
+    {"norm": "brn", "norm_options.renorm_warmup": 50},
+)
+register_trick(
+    "cross-iteration-bn",
+    "Cross-Iteration BatchNorm over 8 iterations, after 20 batches of BatchNorm",
+    "--norm cbn (norm_options.burnin: 20)",
+    {"norm": "cbn", "norm_options.burnin": 20},
+)
+register_trick(
+    "acnet", "ACNet: 1x3 and 3x1 branches on every 3x3 Conv, folded for inference", "--acnet", {"acnet": True}
+)
 
 
 def trick_table() -> str:

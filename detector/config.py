@@ -55,6 +55,8 @@ class Hyperparameters:
     anchor_t: float = 4.0  # anchor-multiple threshold for target matching and AutoAnchor
     anchors: float = 0.0  # anchors per output level; > 0 replaces the model's anchors (then AutoAnchor fits them)
     fl_gamma: float = 0.0  # focal loss gamma (0 = plain BCE; EfficientDet uses 1.5)
+    distill: float = 0.0  # knowledge distillation from --teacher: gain of the distill loss term (0 = off)
+    distill_t: float = 1.0  # distillation temperature: teacher and student logits divided by it (> 1 softens)
     hsv_h: float = 0.015  # hue augmentation (fraction)
     hsv_s: float = 0.7  # saturation augmentation (fraction)
     hsv_v: float = 0.4  # value augmentation (fraction)
@@ -76,6 +78,18 @@ class Hyperparameters:
     albumentations: float = 0.0  # probability of the albumentations pipeline (only when albumentations is installed)
     drop_path: float = 0.0  # stochastic depth: drop probability of the deepest bottleneck's branch (rising with depth)
     dropout: float = 0.0  # dropout probability on the features entering the detection head, in training
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    """Options of the small-batch normalisations (``--norm``; detector/models/norms.py); each norm reads its own."""
+
+    virtual_batch_size: int = 16  # ghost: images per virtual batch normalised by its own statistics
+    rmax: float = 3.0  # brn: final bound of the correction r in [1/rmax, rmax] (1 = plain BatchNorm)
+    dmax: float = 5.0  # brn: final bound of the correction d in [-dmax, dmax] (0 = plain BatchNorm)
+    renorm_warmup: int = 5000  # brn: training batches over which the bounds open linearly from 1 and 0
+    window: int = 8  # cbn: iterations whose compensated statistics are averaged, this one included
+    burnin: int = 1000  # cbn: training batches of plain BatchNorm first, while the weights change fast
 
 
 @dataclass(frozen=True)
@@ -119,7 +133,15 @@ class TrainConfig:
     multi_scale: bool = False  # vary image size +/- 50% each batch
     single_cls: bool = False  # train multi-class data as one class
     optimizer: Literal["SGD", "Adam", "AdamW"] = "SGD"  # optimizer
+    clip_grad: float = 10.0  # clip the gradients' total L2 norm to this before each optimizer step (0 = off)
+    clip_value: float = 0.0  # clip each gradient element to [-V, V] before each step (before clip_grad; 0 = off)
+    sam: float = 0.0  # sharpness-aware minimisation (SAM) radius rho, e.g. 0.05: two passes per batch (0 = off)
+    sam_adaptive: bool = False  # ASAM: SAM's perturbation scaled by |w| (use a ~10x larger sam, e.g. 0.5)
+    sparsity: float = 0.0  # network slimming: L1 penalty on BatchNorm scales, e.g. 1e-4, decaying to 1/10 (0 = off)
     sync_bn: bool = False  # SyncBatchNorm across DDP processes
+    norm: str = "bn"  # normalisation: bn, or ghost, brn, cbn for small batches (bn = the model YAML's norm, else bn)
+    norm_options: NormConfig = field(default_factory=NormConfig)  # parameters of the --norm ghost, brn, cbn
+    acnet: bool = False  # ACNet: 1x3 and 3x1 branches beside every 3x3 Conv in training, folded for inference
     workers: int = 8  # max dataloader workers per process (capped by CPU count)
     project: str = "runs/train"  # parent folder of run folders
     name: str = "exp"  # run folder name; exp, exp2, ... unless exist_ok
@@ -136,6 +158,9 @@ class TrainConfig:
     seed: int = 0  # global random seed
     deterministic: bool = False  # deterministic algorithms (slower), for bit-exact repeatable runs
     amp: Literal["auto", "fp16", "bf16", "off"] = "auto"  # auto = fp16 on CUDA if the AMP check passes, off on CPU
+    channels_last: Literal["auto", "on", "off"] = "auto"  # NHWC memory format for model and batches; auto = on CPU only
+    compile: bool = False  # torch.compile the training model (eager, with a one-line warning, where it cannot)
+    grad_checkpoint: bool = False  # activation checkpointing: recompute backbone/neck activations in backward
     fitness_weights: tuple[float, ...] = (0.0, 0.0, 0.1, 0.9)  # fitness = these x (P, R, mAP50, mAP50-95): best.pt
     auto_augment: str = ""  # automatic augmentation policy: trivial, randaugment[-nN-mM], detection-v0; "" = none
     repeat_aug: int = 1  # repeated augmentation: each drawn image appears this many times per batch, augmented anew
@@ -147,7 +172,16 @@ class TrainConfig:
     pseudo_every: int = 5  # the run's EMA model relabels them every N epochs (from epoch N); 0 = the teacher's only
     pseudo_conf: float = 0.5  # confidence threshold of the pseudo-label boxes (NMS of the labelling model)
     pseudo_weight: float = 0.5  # weight of a pseudo-label box in the box, class and objectness losses (labelled: 1)
-    teacher: str = ""  # weights (.pt, ours or YOLOv5's) that label them once before training; "" = no teacher
+    teacher: str = ""  # weights (.pt, ours or YOLOv5's) that label --unlabeled and/or teach (hyp distill); "" = none
+
+
+@dataclass(frozen=True)
+class LRFindConfig:
+    """Options of ``train.py --lr-find``: the learning-rate range test of the run a TrainConfig describes."""
+
+    iterations: int = 200  # optimizer steps, the learning rate growing geometrically from min_lr to max_lr
+    min_lr: float = 1e-6  # learning rate of the first step
+    max_lr: float = 1.0  # learning rate of the last step (the test stops earlier when the loss diverges)
 
 
 @dataclass(frozen=True)
@@ -439,7 +473,20 @@ def save_config(config: Any, path: str | Path) -> None:
 # train.py's options -> one TrainConfig: defaults <- built-in recipe <- --config <- --hyp <- flags, and --resume
 
 # Options that may differ from the saved run when resuming; anything else would silently change the experiment.
-SAFE_RESUME_KEYS = ("workers", "device", "batch_size", "epochs", "patience", "cache_dir", "time", "logger")
+# How the run computes may change too: the same training either way (--grad-checkpoint after running out of memory).
+SAFE_RESUME_KEYS = (
+    "workers",
+    "device",
+    "batch_size",
+    "epochs",
+    "patience",
+    "cache_dir",
+    "time",
+    "logger",
+    "channels_last",
+    "compile",
+    "grad_checkpoint",
+)
 # Where to look for the run (bare --resume searches --project); the run itself stays in its own folder.
 RESUME_LOCATION_KEYS = ("project", "name", "exist_ok")
 
@@ -583,6 +630,11 @@ def check_train_config(config: TrainConfig) -> None:
         raise ConfigError(f"--freeze: expected layer counts or indices >= 0, got {list(config.freeze)}")
     if not 0.0 <= config.label_smoothing < 1.0:
         raise ConfigError(f"--label-smoothing: expected a value in [0, 1), got {config.label_smoothing}")
+    for key in ("clip_grad", "clip_value", "sam", "sparsity"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"--{key.replace('_', '-')}: expected 0 (off) or more, got {getattr(config, key)}")
+    if config.sam_adaptive and config.sam == 0:
+        raise ConfigError("--sam-adaptive scales SAM's perturbation; it needs --sam RHO > 0 (ASAM: e.g. --sam 0.5)")
     if config.lr_schedule == "plateau" and config.noval:
         raise ConfigError(
             "--lr-schedule plateau reacts to the validation fitness of every epoch; it cannot run with --noval"
@@ -622,14 +674,31 @@ def check_train_config(config: TrainConfig) -> None:
         raise ConfigError(f"--train-tile: expected a tile size in pixels (0 = whole images), got {config.train_tile}")
     if config.train_tile and config.rect:
         raise ConfigError("--train-tile cuts square tiles; it cannot be combined with --rect (whole-image shapes)")
+    _check_teacher_options(config)
     _check_pseudo_options(config)
 
 
+def _check_teacher_options(config: TrainConfig) -> None:
+    """--teacher has two uses, each optional: labelling --unlabeled images, and distillation (hyp distill > 0)."""
+    hyp = config.hyp
+    if hyp.distill < 0 or hyp.distill_t <= 0:
+        raise ConfigError(
+            f"--distill (hyp.distill) must be 0 or more and hyp.distill_t positive; got {hyp.distill}, {hyp.distill_t}"
+        )
+    if config.teacher and not config.unlabeled and hyp.distill == 0:
+        raise ConfigError(
+            "--teacher labels the --unlabeled images or is distilled into the model (--distill GAIN > 0); pass "
+            "--unlabeled DIR or --distill GAIN (or drop --teacher)"
+        )
+    if hyp.distill > 0 and not config.teacher:
+        raise ConfigError(f"--distill {hyp.distill:g} distils a teacher model; pass --teacher WEIGHTS (or --distill 0)")
+    if config.teacher and not Path(config.teacher).is_file():
+        raise ConfigError(f"--teacher {config.teacher}: weights file not found")
+
+
 def _check_pseudo_options(config: TrainConfig) -> None:
-    """--unlabeled and its --pseudo-* / --teacher options."""
+    """--unlabeled and its --pseudo-* options (--teacher: :func:`_check_teacher_options`)."""
     if not config.unlabeled:
-        if config.teacher:
-            raise ConfigError("--teacher labels the --unlabeled images; pass --unlabeled DIR (or drop --teacher)")
         return
     if config.pseudo_every < 0 or not 0.0 <= config.pseudo_conf <= 1.0 or config.pseudo_weight < 0:
         raise ConfigError(
@@ -638,8 +707,6 @@ def _check_pseudo_options(config: TrainConfig) -> None:
         )
     if config.pseudo_every == 0 and not config.teacher:
         raise ConfigError("--pseudo-every 0 labels the --unlabeled images once at the start, which needs --teacher")
-    if config.teacher and not Path(config.teacher).is_file():
-        raise ConfigError(f"--teacher {config.teacher}: weights file not found")
     for flag, on in (("--rect", config.rect), ("--image-weights", config.image_weights)):
         if on:
             raise ConfigError(f"--unlabeled cannot be combined with {flag} (it decides which images an epoch draws)")

@@ -605,8 +605,9 @@ _TRAIN_BATCHES = 20  # batches of 16 per timed call (a fifth of an 800-image epo
 _TRAIN_PHASES = ("data", "forward", "loss", "backward", "optimizer")
 
 
-def _train_setup(imgsz: int, workers: int, amp: str = "off") -> Callable[[], dict[str, float]]:
-    """A yolov5n Trainer (hyp.scratch-low, SGD, batch 16) on the 800 loader-benchmark images (14 classes).
+def _train_setup(imgsz: int, workers: int, amp: str = "off", **options: Any) -> Callable[[], dict[str, float]]:
+    """A yolov5n Trainer (hyp.scratch-low, SGD, batch 16) on the 800 loader-benchmark images (14 classes);
+    ``options`` are further TrainConfig fields (``channels_last``, ``grad_checkpoint``, ``compile``).
 
     Each call trains ``_TRAIN_BATCHES`` batches through ``Trainer.train_one_epoch`` and reports images/s and the
     milliseconds per batch spent waiting for data and in forward, loss, backward and optimizer step (+ EMA).
@@ -622,7 +623,7 @@ def _train_setup(imgsz: int, workers: int, amp: str = "off") -> Callable[[], dic
                                     "names": [f"class{i}" for i in range(14)]}))  # fmt: skip
     scratch = tempfile.TemporaryDirectory(prefix="bench-train-")
     config = TrainConfig(data=str(data), cfg="yolov5n.yaml", imgsz=imgsz, batch_size=16, epochs=300, workers=workers,
-                         noautoanchor=True, noplots=True, project=scratch.name, amp=amp)  # fmt: skip
+                         noautoanchor=True, noplots=True, project=scratch.name, amp=amp, **options)  # fmt: skip
     trainer = Trainer(config, callbacks=())
     trainer.num_batches = _TRAIN_BATCHES  # train_one_epoch stops after this many batches
 
@@ -660,6 +661,67 @@ def train_320_w0() -> Callable[[], Any]:
 def train_320_w2_bf16() -> Callable[[], Any]:
     """The same with --amp bf16: CPU autocast, for CPUs with native bfloat16 (AVX512-BF16/AMX); 10x slower without."""
     return _train_setup(320, workers=2, amp="bf16")
+
+
+@benchmark("train", "yolov5n-320-b16-w2-nchw", unit="img/s", units=_TRAIN_UNITS)
+def train_320_w2_nchw() -> Callable[[], Any]:
+    """The same with --channels-last off: NCHW model and batches (the CPU's default, auto, is NHWC)."""
+    return _train_setup(320, workers=2, channels_last="off")
+
+
+@benchmark("train", "yolov5n-320-b16-w2-grad-checkpoint", unit="img/s", units=_TRAIN_UNITS)
+def train_320_w2_grad_checkpoint() -> Callable[[], Any]:
+    """The same with --grad-checkpoint: backbone and neck recompute their activations in backward."""
+    return _train_setup(320, workers=2, grad_checkpoint=True)
+
+
+@benchmark("train", "yolov5n-320-b16-w2-compile", unit="img/s", units=_TRAIN_UNITS)
+def train_320_w2_compile() -> Callable[[], Any]:
+    """The same with --compile (inductor). Compiling happens in the untimed set-up and takes minutes on 2 cores;
+    use --warmup 1 or more: a new batch shape (none here) would recompile."""
+    return _train_setup(320, workers=2, compile=True)
+
+
+def _step_memory_in_this_process(imgsz: int, batch_size: int, grad_checkpoint: bool) -> float:
+    """MiB by which one yolov5n training step (forward, loss, backward) raises this process's peak resident memory
+    above its resident memory before the step; meant for a fresh process (the peak is the process's lifetime)."""
+    import resource
+
+    import torch
+
+    from detector.config import Hyperparameters
+    from detector.engine.loggers import resident_memory_bytes
+    from detector.models.loss import DetectionLoss
+    from detector.models.yolo import DetectionModel
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5n.yaml", nc=80).to(memory_format=torch.channels_last).train()
+    model.set_grad_checkpointing(grad_checkpoint)
+    loss_fn = DetectionLoss(model, Hyperparameters())
+    images = torch.rand(batch_size, 3, imgsz, imgsz).contiguous(memory_format=torch.channels_last)
+    targets = torch.tensor([[i, i % 80, 0.5, 0.5, 0.2, 0.3] for i in range(batch_size)])  # image, class, xywhn
+    before = resident_memory_bytes()
+    sum(loss_fn(model(images), targets).values()).backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return (peak - before) / 2**20
+
+
+@benchmark("train", "yolov5n-320-b16-step-memory", unit="MiB", units={"plain": "MiB", "grad-checkpoint": "MiB"})
+def train_step_memory() -> Callable[[], Any]:
+    """Peak resident memory of one yolov5n training step at 320, batch 16, above the memory before it (model,
+    batch and imports), without and with --grad-checkpoint; each in a fresh process (Linux: ru_maxrss)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # a fresh peak per measurement
+
+    def measure() -> dict[str, float]:
+        figures = {}
+        for name, grad_checkpoint in (("plain", False), ("grad-checkpoint", True)):
+            with context.Pool(1) as pool:
+                figures[name] = pool.apply(_step_memory_in_this_process, (320, 16, grad_checkpoint))
+        return figures
+
+    return measure
 
 
 # -- export: export.py's time, and CPU latency (batch 1) of each exported format beside PyTorch ------------------

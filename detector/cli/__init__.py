@@ -1,5 +1,6 @@
 """The ``detector`` console command: ``detector train|val|detect|export [flags]``, same flags as the scripts, and
-the data tools ``detector download DATASET.yaml`` and ``detector convert coco|voc ...``."""
+the data tools ``detector download DATASET.yaml`` and ``detector convert coco|voc ...``, and ``detector prune``
+(network slimming's channel pruning, :mod:`detector.prune`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-TASKS = ("train", "val", "detect", "export", "download", "convert")
+TASKS = ("train", "val", "detect", "export", "download", "convert", "prune")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

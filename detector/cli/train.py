@@ -15,7 +15,16 @@ from collections.abc import Sequence
 from typing import get_args
 
 from detector.cli.common import CACHE_DIR_HELP, given_flags, new_parser, run_cli
-from detector.config import BUILTIN_TRAIN_CONFIG, EvolveConfig, TrainConfig, load_yaml, resolve_train_config
+from detector.config import (
+    BUILTIN_TRAIN_CONFIG,
+    EvolveConfig,
+    LRFindConfig,
+    TrainConfig,
+    build_config,
+    load_yaml,
+    resolve_train_config,
+)
+from detector.errors import ConfigError
 from detector.utils.torch_utils import device_ids
 
 DESCRIPTION = """Train a detector on a dataset YAML (or the built-in dataset), YOLOv5's flags.
@@ -35,6 +44,9 @@ examples:
 
 DEFAULTS = TrainConfig()
 EVOLVE_DEFAULTS = EvolveConfig()
+LR_FIND_DEFAULTS = LRFindConfig()
+# --lr-find-* flags -> LRFindConfig fields
+LR_FIND_FLAGS = {"lr_find_iters": "iterations", "lr_find_min": "min_lr", "lr_find_max": "max_lr"}
 BUILTIN_RECIPE = load_yaml(BUILTIN_TRAIN_CONFIG)  # what the built-in dataset uses instead of DEFAULTS
 
 
@@ -140,7 +152,62 @@ def build_parser() -> argparse.ArgumentParser:
         help="train multi-class data as single-class (default: False)",
     )
     add("--optimizer", choices=_choices("optimizer"), help="optimizer" + _default("optimizer"))
+    add(
+        "--sparsity",
+        type=float,
+        metavar="LAMBDA",
+        help="network slimming: L1 penalty LAMBDA x sum |gamma| on every BatchNorm scale (e.g. 1e-4, decaying to a "
+        "tenth by the last epoch), so that python -m detector.prune can then remove channels (default: 0 = off)",
+    )
+    add(
+        "--clip-grad",
+        type=float,
+        dest="clip_grad",
+        metavar="NORM",
+        help="clip the gradients' total L2 norm to NORM before each optimizer step; 0 = off" + _default("clip_grad"),
+    )
+    add(
+        "--clip-value",
+        type=float,
+        dest="clip_value",
+        metavar="V",
+        help="clip each gradient element to [-V, V] before each optimizer step (before --clip-grad); 0 = off"
+        + _default("clip_value"),
+    )
+    add(
+        "--sam",
+        type=float,
+        metavar="RHO",
+        help="sharpness-aware minimisation (SAM) with neighbourhood radius RHO (typical 0.05) around the optimizer: "
+        "two forward/backward passes per batch, the second at the perturbed weights; 0 = off" + _default("sam"),
+    )
+    add(
+        "--sam-adaptive",
+        action="store_true",
+        dest="sam_adaptive",
+        help="ASAM: SAM's perturbation scaled by |w|; use a ~10x larger --sam, e.g. 0.5 (default: False)",
+    )
     add("--sync-bn", action="store_true", dest="sync_bn", help="SyncBatchNorm, DDP on CUDA only (default: False)")
+    add(
+        "--norm",
+        metavar="{bn,ghost,brn,cbn}",
+        help="normalisation for small per-GPU batches: ghost (Ghost BatchNorm), brn (Batch Renormalization), cbn "
+        "(Cross-Iteration BatchNorm); plain BatchNorm in eval and export; options in configs/default.yaml's "
+        "norm_options; bn = the model YAML's 'norm' key, else BatchNorm" + _default("norm"),
+    )
+    add(
+        "--virtual-batch-size",
+        type=int,
+        dest="norm_options.virtual_batch_size",
+        metavar="N",
+        help=f"--norm ghost: images per virtual batch (default: {DEFAULTS.norm_options.virtual_batch_size})",
+    )
+    add(
+        "--acnet",
+        action="store_true",
+        help="ACNet: 1x3 and 3x1 conv+BN branches beside every 3x3 Conv in training, folded into the 3x3 conv for "
+        "val, detect and export (default: False)",
+    )
     add(
         "--workers", type=int, help="max dataloader workers per DDP process (capped by CPU count)" + _default("workers")
     )
@@ -246,6 +313,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixed precision: auto = fp16 on CUDA if its check passes; bf16 also on CPU" + _default("amp"),
     )
     add(
+        "--channels-last",
+        nargs="?",
+        const="on",
+        choices=_choices("channels_last"),
+        dest="channels_last",
+        help="NHWC (channels_last) memory format for the model and batches: on (bare flag), off (NCHW), or auto = "
+        "on for the CPU, off for CUDA" + _default("channels_last"),
+    )
+    add(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training model (inductor): minutes of compiling at start-up, then faster steps; "
+        "where it cannot work, training runs uncompiled after a one-line warning (default: False)",
+    )
+    add(
+        "--grad-checkpoint",
+        action="store_true",
+        dest="grad_checkpoint",
+        help="activation checkpointing: the backbone and neck recompute their activations in backward, for less "
+        "memory (a bigger --batch-size or --img) at about a third more compute; same gradients (default: False)",
+    )
+    add(
         "--fitness-weights",
         nargs=4,
         type=float,
@@ -304,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         "results.csv and plots are always on" + _default("logger"),
     )
     _add_pseudo_label_flags(parser)
+    _add_distillation_flags(parser)
+    _add_lr_find_flags(parser)
     _add_evolve_flags(parser)
     return parser
 
@@ -352,7 +443,64 @@ def _add_pseudo_label_flags(parser: argparse.ArgumentParser) -> None:
         type=str,
         metavar="WEIGHTS",
         help="a trained model (our .pt or a YOLOv5 release .pt, same classes) that labels the --unlabeled images "
-        "once before training (default: '' = the run's EMA model labels them, from epoch --pseudo-every)",
+        "once before training, and/or is distilled into the model with --distill (default: '' = none; --unlabeled "
+        "then has the run's EMA model label them, from epoch --pseudo-every)",
+    )
+
+
+def _add_distillation_flags(parser: argparse.ArgumentParser) -> None:
+    """Knowledge distillation from --teacher (detector.models.distill)."""
+    group = parser.add_argument_group(
+        "distillation",
+        "--teacher WEIGHTS --distill GAIN: the teacher (same classes, strides and anchors per cell) runs on every "
+        "training batch and its objectness, classes and boxes become extra targets (the distill_loss column)",
+    )
+    group.add_argument(
+        "--distill",
+        type=float,
+        dest="hyp.distill",
+        metavar="GAIN",
+        help="gain of the distill loss term: 1 weighs matching the teacher like matching the labels; the temperature "
+        f"is hyp distill_t ({DEFAULTS.hyp.distill_t:g}) (default: {DEFAULTS.hyp.distill:g} = off; hyp distill)",
+    )
+
+
+def _add_lr_find_flags(parser: argparse.ArgumentParser) -> None:
+    """The learning-rate range test: train.py --lr-find with the training flags above (detector.engine.lr_find)."""
+    group = parser.add_argument_group(
+        "learning-rate range test",
+        "train.py --lr-find trains a throwaway model with the learning rate growing geometrically per optimizer step "
+        "and writes lr_find.csv and lr_find.png (loss vs LR, the suggested lr0 marked) into the run folder; no "
+        "checkpoint, no validation",
+    )
+    add = group.add_argument
+    add(
+        "--lr-find",
+        action="store_true",
+        dest="lr_find",
+        help="run the LR range test (Smith 2017) instead of training; logs a suggested lr0 (default: False)",
+    )
+    add(
+        "--lr-find-iters",
+        type=int,
+        dest="lr_find_iters",
+        metavar="N",
+        help="optimizer steps of the test; it stops earlier when the loss diverges "
+        f"(default: {LR_FIND_DEFAULTS.iterations})",
+    )
+    add(
+        "--lr-find-min",
+        type=float,
+        dest="lr_find_min",
+        metavar="LR",
+        help=f"learning rate of the first step (default: {LR_FIND_DEFAULTS.min_lr:g})",
+    )
+    add(
+        "--lr-find-max",
+        type=float,
+        dest="lr_find_max",
+        metavar="LR",
+        help=f"learning rate of the last step (default: {LR_FIND_DEFAULTS.max_lr:g})",
     )
 
 
@@ -470,6 +618,12 @@ def train_from_flags(argv: Sequence[str] | None = None) -> int:
     local_rank = flags.pop("local_rank", None)
     if local_rank is not None and local_rank >= 0 and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(local_rank)  # torch.distributed.launch passes it as a flag, torchrun as env
+    lr_find = flags.pop("lr_find", False)
+    lr_find_options = {field: flags.pop(flag) for flag, field in LR_FIND_FLAGS.items() if flag in flags}
+    if lr_find_options and not lr_find:
+        raise ConfigError("--lr-find-iters, --lr-find-min and --lr-find-max set the LR range test; add --lr-find")
+    if lr_find and ("evolve" in flags or "resume_evolve" in flags):
+        raise ConfigError("--lr-find and --evolve are separate modes; run one at a time")
 
     if "evolve" in flags or "resume_evolve" in flags:
         from detector.evolve.search import command_line, run_evolution  # lazy import: keep `--help` fast
@@ -485,6 +639,11 @@ def train_from_flags(argv: Sequence[str] | None = None) -> int:
     if len(devices) > 1 and "WORLD_SIZE" not in os.environ:
         given = list(sys.argv[1:] if argv is None else argv)
         return distributed.launch(given, nproc=len(devices))
+    if lr_find:
+        from detector.engine.lr_find import LRFinder
+
+        LRFinder(config, build_config(LRFindConfig, ("command line", lr_find_options))).run()
+        return 0
     Trainer(config).fit()
     return 0
 

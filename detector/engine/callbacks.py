@@ -13,9 +13,11 @@ EMA, validation, early stopping, checkpointing (:mod:`detector.engine.hooks`) an
 
     Trainer(config, callbacks=[StopAtMap()]).fit()
 
-Events, in the order they fire: ``on_fit_start``, then per epoch ``on_epoch_start``, ``on_step_end`` after
-each batch, ``on_epoch_end``; finally ``on_fit_end``. A hook reads the typed trainer (``trainer.state`` is the
-:class:`~detector.engine.state.TrainState`; ``trainer.step_record`` / ``trainer.epoch_record`` below).
+Events, in the order they fire: ``on_fit_start``, then per epoch ``on_epoch_start``, ``on_before_optimizer_step``
+before each optimizer step (the gradients complete, unscaled and clipped: a hook may still change them, as
+``--sparsity`` does), ``on_step_end`` after each batch, ``on_epoch_end``; finally ``on_fit_end``. A hook reads
+the typed trainer (``trainer.state`` is the :class:`~detector.engine.state.TrainState`; ``trainer.step_record`` /
+``trainer.epoch_record`` below).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from detector.engine.trainer import Trainer
 
-EVENTS = ("on_fit_start", "on_epoch_start", "on_step_end", "on_epoch_end", "on_fit_end")
+EVENTS = ("on_fit_start", "on_epoch_start", "on_before_optimizer_step", "on_step_end", "on_epoch_end", "on_fit_end")
 
 # YOLOv5's results.csv metric columns, so tools that read its results files read ours.
 METRIC_COLUMNS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95")
@@ -116,6 +118,8 @@ class Callback:
     def on_fit_start(self, trainer: Trainer) -> None: ...
 
     def on_epoch_start(self, trainer: Trainer) -> None: ...
+
+    def on_before_optimizer_step(self, trainer: Trainer) -> None: ...
 
     def on_step_end(self, trainer: Trainer) -> None: ...
 

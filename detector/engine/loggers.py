@@ -65,18 +65,15 @@ class ConsoleLogger(Callback):
         if not trainer.is_main:
             return
         step: StepRecord = trainer.step_record
+        header = ("Epoch", "Memory", *(loss_column(n) for n in step.mean_losses), "Instances", "Size")
         if self._bar is None:
             from tqdm import tqdm  # lazy import: only the main process draws bars
 
-            header = ("Epoch", "Memory", *(loss_column(n) for n in step.mean_losses), "Instances", "Size")
-            LOGGER.info(("\n" + "%11s" * len(header)) % header)
+            LOGGER.info("\n" + _row(header))
             self._bar = tqdm(total=step.num_batches, bar_format="{l_bar}{bar:10}{r_bar}", leave=True)
         epoch = f"{step.epoch}/{trainer.state.epochs - 1}"
-        losses = tuple(step.mean_losses.values())
-        self._bar.set_description(
-            ("%11s" * 2 + "%11.4g" * len(losses) + "%11d%11d")
-            % (epoch, step.memory, *losses, step.instances, step.image_size)
-        )
+        values = (epoch, step.memory, *(f"{v:.4g}" for v in step.mean_losses.values()), step.instances, step.image_size)
+        self._bar.set_description(_row(values, header))
         self._bar.update(1)
         if step.batch_index + 1 >= step.num_batches:  # close before validation draws its own bar
             self._close()
@@ -93,6 +90,12 @@ class ConsoleLogger(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _row(values: tuple, header: tuple[str, ...] | None = None) -> str:
+    """Right-aligned columns of YOLOv5's width 11, wider where a column name is longer (``distill_loss``)."""
+    names = header if header is not None else values
+    return "".join(f"{value:>{max(11, len(name) + 1)}}" for value, name in zip(values, names, strict=True))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -5,16 +5,18 @@
 - A nominal batch (TrainConfig ``nbs``, YOLOv5's 64): smaller batches accumulate gradients over
   ``accumulate_steps(batch_size, nbs)`` steps and the weight decay is rescaled by the effective batch, so one
   hyperparameter file fits every batch size. The nominal batch has no default here: the caller passes the config's.
-- Learning-rate schedules and warmup live in :mod:`detector.engine.schedules`.
+- Gradient clipping before each step (:func:`clip_gradients`): each element to ``[-clip_value, clip_value]``,
+  then the total L2 norm to ``clip_grad`` (TrainConfig; YOLOv5 clips the norm at 10).
+- Learning-rate schedules and warmup live in :mod:`detector.engine.schedules`; SAM in :mod:`detector.engine.sam`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from detector.errors import ConfigError
 
@@ -119,3 +121,29 @@ def accumulate_steps(batch_size: int, nominal_batch_size: int) -> int:
 def scaled_weight_decay(weight_decay: float, batch_size: int, accumulate: int, nominal_batch_size: int) -> float:
     """Weight decay for an effective batch of ``batch_size * accumulate`` (hyp files state it for the nominal batch)."""
     return weight_decay * batch_size * accumulate / nominal_batch_size
+
+
+def gradient_norm(gradients: Sequence[Tensor]) -> Tensor:
+    """The L2 norm of all ``gradients`` together (non-finite when any element is); 0 when there are none."""
+    if not gradients:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in gradients]))
+
+
+def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float, max_value: float) -> Tensor:
+    """Clip the parameters' gradients before an optimizer step; returns their total L2 norm as they came.
+
+    ``max_value`` > 0: each element clipped to ``[-max_value, max_value]`` (``clip_grad_value_``); then ``max_norm``
+    > 0: the whole rescaled to a norm of at most ``max_norm`` (``clip_grad_norm_``), so both bounds hold. 0 turns
+    either off. The norm returned is taken before any clipping, so an inf or NaN gradient shows in it even when
+    value clipping would have hidden the inf.
+    """
+    parameters = [p for p in parameters if p.grad is not None]
+    if max_value <= 0 and max_norm > 0:
+        return nn.utils.clip_grad_norm_(parameters, max_norm=max_norm)
+    norm = gradient_norm([p.grad for p in parameters])
+    if max_value > 0:
+        nn.utils.clip_grad_value_(parameters, clip_value=max_value)
+    if max_norm > 0:
+        nn.utils.clip_grad_norm_(parameters, max_norm=max_norm)
+    return norm

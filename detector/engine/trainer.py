@@ -31,10 +31,13 @@ import copy
 import ctypes
 import dataclasses
 import gc
+import importlib.util
 import logging
+import os
 import random
+import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,8 +65,9 @@ from detector.engine.callbacks import Callback, Callbacks, EpochRecord, StepReco
 from detector.engine.ema import ModelEMA
 from detector.engine.hooks import default_hooks
 from detector.engine.loggers import memory_usage
-from detector.engine.optim import accumulate_steps, build_optimizer, scaled_weight_decay
+from detector.engine.optim import accumulate_steps, build_optimizer, clip_gradients, scaled_weight_decay
 from detector.engine.pseudo import PseudoLabeler, unmark_pseudo_targets
+from detector.engine.sam import SAM, frozen_running_statistics
 from detector.engine.schedules import (
     LRSchedule,
     build_schedule,
@@ -71,15 +75,18 @@ from detector.engine.schedules import (
     warmup_accumulate_steps,
     warmup_iterations,
 )
+from detector.engine.sparsity import SparsityPenalty
 from detector.engine.state import Checkpointer, TrainState
 from detector.engine.trackers import build_loggers, check_loggers
 from detector.engine.validator import Validator, create_val_dataloader
 from detector.errors import CheckpointError, ConfigError
 from detector.models.autoanchor import check_anchors
+from detector.models.distill import DistillationLoss, load_teacher
 from detector.models.loading import load_model, model_from_checkpoint
 from detector.models.loss import DetectionLoss, LossFunction, initialize_focal_biases, scale_loss_gains
+from detector.models.norms import check_norm_options, norm_overrides
 from detector.models.regularization import set_head_dropout, set_stochastic_depth
-from detector.models.yolo import DetectionModel
+from detector.models.yolo import DetectionModel, buffers_kept
 from detector.ops.metrics import Metrics
 from detector.utils.checkpoint import load_checkpoint
 from detector.utils.checks import check_imgsz, round_to_stride
@@ -91,7 +98,6 @@ from detector.utils.torch_utils import describe_device, init_seeds, select_devic
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "yolov5n.yaml"  # the architecture when neither --cfg nor --weights names one
-MAX_GRAD_NORM = 10.0
 NONFINITE_LIMIT = 3  # consecutive non-finite losses before the last good state is restored
 RECOVERY_LR_FACTOR = 0.1
 MULTI_SCALE_RANGE = (0.5, 1.5)
@@ -194,6 +200,37 @@ def check_amp(model: nn.Module, device: torch.device, dtype: torch.dtype, imgsz:
     return bool(error < tolerance)
 
 
+def resolve_memory_format(mode: str, device: torch.device) -> torch.memory_format:
+    """--channels-last -> the memory format of the model and the batches: on = NHWC (channels_last), off = NCHW.
+
+    auto: NHWC on the CPU, where oneDNN's NHWC convolutions made yolov5n's forward + backward at 320, batch 16,
+    20-25% faster (interleaved runs on 2 vCPUs); NCHW elsewhere (YOLOv5's layout; on CUDA NHWC pays off with AMP
+    on tensor cores: try on).
+    """
+    if mode == "auto":
+        return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    return torch.channels_last if mode == "on" else torch.contiguous_format
+
+
+def compile_unavailable_reason(device: torch.device) -> str | None:
+    """Why ``torch.compile`` (its default inductor backend) cannot work for training on ``device``, or None.
+
+    Checked before compiling so that a missing piece costs one line, not a failed compilation: TorchDynamo's
+    platform support, a C++ compiler for CPU kernels, Triton for CUDA kernels.
+    """
+    import torch._dynamo  # only under --compile: importing it takes a second
+
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch {torch.__version__} has no TorchDynamo support on this platform or Python version"
+    if device.type == "cpu":
+        compilers = (os.environ.get("CXX", ""), "g++", "c++", "clang++")
+        if not any(shutil.which(name) for name in compilers if name):
+            return "no C++ compiler found (inductor builds CPU kernels with g++ or clang++; set CXX to use another)"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (inductor builds CUDA kernels with it; pip install triton)"
+    return None
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """A 32-bit seed that depends only on (seed, epoch): the same whether a run was resumed or not."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
@@ -245,6 +282,7 @@ class Trainer:
     """
 
     clock = staticmethod(time.monotonic)  # the wall clock of --time (a test may run on a virtual one)
+    compile_backend = "inductor"  # torch.compile's backend under --compile (a test may use a quicker one)
 
     def __init__(
         self,
@@ -268,6 +306,7 @@ class Trainer:
             self._prepare_model(new_run=self.resume_checkpoint is None)
             self.ema = self.build_ema() if self.is_main else None
             self.optimizer = self.build_optimizer()
+            self.sam = SAM(self.optimizer, config.sam, config.sam_adaptive) if config.sam > 0 else None
             self.state = TrainState(
                 epochs=self.config.epochs,
                 class_maps=[0.0] * len(self.names),
@@ -289,6 +328,8 @@ class Trainer:
         self.callbacks = self.build_hooks()
         if config.unlabeled:  # the option's own machinery: kept when a subclass replaces the default hooks
             self.callbacks.add(PseudoLabeler())
+        if config.sparsity > 0:
+            self.callbacks.add(SparsityPenalty(config.sparsity))
         if isinstance(callbacks, Callbacks) or callbacks:
             self.callbacks.extend(callbacks)
         self.validator: Validator | None = None
@@ -333,32 +374,36 @@ class Trainer:
             0 if self.schedule.has_warmup else warmup_iterations(self.config.hyp.warmup_epochs, self.num_batches)
         )
         self.loss_fn = loss if loss is not None else self.build_loss()
+        if config.hyp.distill > 0:  # the option's own machinery: it wraps a subclass's or caller's loss too
+            self.loss_fn = self.build_distillation(self.loss_fn)
 
     # -- components: public, replaceable ----------------------------------------------------------------------------
 
     def build_model(self, checkpoint: Mapping[str, Any] | None = None) -> DetectionModel:
         """The model to train: the ``--resume`` checkpoint's, else ``--cfg`` (or --weights' architecture, else
-        yolov5n.yaml) with --weights transferred where names and shapes match."""
+        yolov5n.yaml) with --weights transferred where names and shapes match. ``--norm`` (other than bn) and
+        ``--acnet`` override the model YAML's keys; a resumed model keeps its checkpoint's."""
         config, nc = self.config, len(self.names)
         anchors = round(config.hyp.anchors) or None
+        layer_options = {**norm_overrides(config.norm, config.norm_options), "acnet": config.acnet or None}
         if checkpoint is not None:
             model = model_from_checkpoint(dict(checkpoint), prefer_ema=False)
             if model.nc != nc:
                 raise CheckpointError(f"{config.resume}: trained for {model.nc} classes, the dataset has {nc}")
-            return model
-        if not config.weights:
-            model = DetectionModel(config.cfg or DEFAULT_MODEL, nc=nc, anchors=anchors)
+        elif not config.weights:
+            model = DetectionModel(config.cfg or DEFAULT_MODEL, nc=nc, anchors=anchors, **layer_options)
             if config.hyp.fl_gamma > 0:  # focal loss from scratch: start classes at RetinaNet's small prior
                 initialize_focal_biases(model)
-            return model
-        source = load_model(config.weights)
-        model = DetectionModel(config.cfg or source.yaml, nc=nc, anchors=anchors)
-        # YOLOv5 keeps the checkpoint's (possibly AutoAnchor-evolved) anchors unless the hyp asks for new ones.
-        transferred = transfer_weights(model, source.state_dict(), skip=("anchors",) if anchors else ())
-        LOGGER.info("Transferred %d/%d items from %s", len(transferred), len(model.state_dict()), config.weights)
-        head_prefix = f"model.{len(model.model) - 1}."
-        head = {name for name in model.state_dict() if name.startswith(head_prefix)}
-        self.pretrained_head = head <= transferred
+        else:
+            source = load_model(config.weights)
+            model = DetectionModel(config.cfg or source.yaml, nc=nc, anchors=anchors, **layer_options)
+            # YOLOv5 keeps the checkpoint's (possibly AutoAnchor-evolved) anchors unless the hyp asks for new ones.
+            transferred = transfer_weights(model, source.state_dict(), skip=("anchors",) if anchors else ())
+            LOGGER.info("Transferred %d/%d items from %s", len(transferred), len(model.state_dict()), config.weights)
+            head_prefix = f"model.{len(model.model) - 1}."
+            head = {name for name in model.state_dict() if name.startswith(head_prefix)}
+            self.pretrained_head = head <= transferred
+        check_norm_options(model, config.sync_bn, config.grad_checkpoint, config.compile)
         return model
 
     def build_train_loader(self) -> Any:
@@ -437,6 +482,23 @@ class Trainer:
             class_weights = class_weights * len(self.names)
         return DetectionLoss(self.model, hyp, self.config.label_smoothing, class_weights)
 
+    def build_distillation(self, loss: LossFunction) -> DistillationLoss:
+        """``loss`` plus the ``distill`` term of ``--teacher`` at ``hyp.distill``, its parts weighted by the detection
+        loss's scaled gains (:mod:`detector.models.distill`). The teacher is loaded on this process's device (each
+        DDP rank its own copy), frozen, and runs on every training batch; the checkpoint's config names it."""
+        hyp = scale_loss_gains(self.config.hyp, self.model.detect.nl, len(self.names), self.imgsz)
+        teacher = load_teacher(self.config.teacher, self.model, self.device).to(memory_format=self.memory_format)
+        return DistillationLoss(
+            loss,
+            teacher,
+            self.model,
+            gain=hyp.distill,
+            temperature=hyp.distill_t,
+            box_gain=hyp.box,
+            obj_gain=hyp.obj,
+            cls_gain=hyp.cls,
+        )
+
     def build_hooks(self) -> Callbacks:
         """The default hooks (:func:`detector.engine.hooks.default_hooks`), then the ``--logger`` trackers
         (:func:`detector.engine.trackers.build_loggers`: after the checkpoint hook, so at the end they find the final
@@ -465,9 +527,7 @@ class Trainer:
         device = select_device(config.device, max(config.batch_size, 0))
         if self.context.is_distributed and device.type == "cuda":
             device = torch.device("cuda", self.context.local_rank)
-        # oneDNN's NHWC convolutions: forward + backward of yolov5n at 320 measured 10-15% faster on the CPU.
-        # CUDA keeps NCHW (YOLOv5's layout) until measured there.
-        self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        self.memory_format = resolve_memory_format(config.channels_last, device)
         return device
 
     def _adopt_model(self, model: nn.Module) -> nn.Module:
@@ -477,6 +537,11 @@ class Trainer:
         if hyp.drop_path or hyp.dropout:  # training-only modules: eval mode, checkpoints and exports never see them
             set_stochastic_depth(model, hyp.drop_path)
             set_head_dropout(model, hyp.dropout)
+        if self.config.grad_checkpoint:
+            if not hasattr(model, "set_grad_checkpointing"):
+                name = type(model).__name__
+                raise ConfigError(f"--grad-checkpoint needs a model with set_grad_checkpointing(); got a {name}")
+            model.set_grad_checkpointing(True)
         return model
 
     def _resolve_batch_size(self) -> None:
@@ -533,13 +598,53 @@ class Trainer:
         return labels
 
     def _prepare_model(self, new_run: bool) -> None:
-        """Label plots and AutoAnchor (new runs), frozen layers, DDP wrapper."""
+        """Label plots and AutoAnchor (new runs), frozen layers, DDP wrapper, --compile."""
         if self.is_main and new_run:
             self._plot_labels_and_check_anchors()
         self.frozen = freeze_layers(self.model, frozen_layer_indices(self.config.freeze))
         if self.frozen:
             LOGGER.info("Freezing layers 0-%d (their BatchNorm statistics stay fixed)", len(self.frozen) - 1)
         self.train_model = distributed.wrap_model(self.model, self.device, self.context, self.config.sync_bn)
+        if self.config.compile:
+            self._compile_train_model()
+
+    def _compile_train_model(self) -> None:
+        """--compile: ``torch.compile`` the training model (the DDP wrapper under DDP, as PyTorch recommends).
+
+        One forward and backward on a blank batch of the training shape, under the training autocast, compiles it
+        now and proves it works; the probe leaves no trace (BatchNorm statistics restored, gradients cleared).
+        Where compilation cannot work or fails, training runs eagerly after a one-line warning (all DDP ranks
+        alike). A second batch shape (--rect, --multi-scale, a smaller last batch) recompiles once, into a graph
+        for any size. The EMA, validation and checkpoints use ``self.model``: the same weights, uncompiled.
+        """
+        started = time.perf_counter()
+        reason = compile_unavailable_reason(self.device)
+        compiled = torch.compile(self.train_model, backend=self.compile_backend) if reason is None else None
+        if compiled is not None:
+            reason = self._probe_compiled(compiled)
+        if not distributed.all_ranks_true(reason is None, self.context, self.device):
+            LOGGER.warning("WARNING: --compile: %s; training without torch.compile", reason or "failed on another rank")
+            return
+        self.train_model = compiled
+        LOGGER.info("--compile: training model compiled in %.1f s", time.perf_counter() - started)
+
+    def _probe_compiled(self, compiled: nn.Module) -> str | None:
+        """One training-mode forward and backward of ``compiled`` on zeros; None if it ran, else why not."""
+        images = torch.zeros(self.batch_size, 3, self.imgsz, self.imgsz, device=self.device)
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        set_train_mode(self.model, self.frozen)
+        try:
+            with buffers_kept(self.model):
+                with autocast:
+                    outputs = compiled(images.contiguous(memory_format=self.memory_format))
+                sum(output.float().sum() for output in outputs).backward()
+        except Exception as e:  # compilers fail in many ways (toolchain, backend, an op); eager training always works
+            cause = getattr(e, "inner_exception", None) or e  # what dynamo's BackendCompilerFailed wraps
+            first_line = next(iter(str(cause).strip().splitlines()), "")
+            return f"compilation failed ({type(cause).__name__}: {first_line})"
+        finally:
+            self.model.zero_grad(set_to_none=True)
+        return None
 
     def _plot_labels_and_check_anchors(self) -> None:
         labels = getattr(self.train_dataset, "labels", None)
@@ -656,7 +761,8 @@ class Trainer:
         """Forward, loss, backward for one batch; an optimizer step when the accumulation is complete.
 
         The loss's named terms are summed (times the batch size, YOLOv5's scale) and backpropagated; returns the
-        running mean of each term over the epoch. A non-finite loss skips the step.
+        running mean of each term over the epoch. A non-finite loss skips the step. With ``--sam`` the forward and
+        backward run at SAM's perturbed weights, after a first pass at the real weights (:meth:`_sharpness_aware`).
         """
         state = self.state
         images_uint8, targets, paths = batch[0], batch[1], batch[2]
@@ -675,7 +781,7 @@ class Trainer:
             images = resize_batch(images, random_image_size(self.imgsz, self.stride, self.scale_rng), self.stride)
         sync = nullcontext() if will_step or not self.context.is_distributed else self.train_model.no_sync()
         state.stepped = False
-        with sync:
+        with sync, self._sharpness_aware(images, targets, target_weights) as first_pass_terms:
             loss, terms = self._forward(images, targets, target_weights)
             finite = distributed.all_ranks_true(bool(torch.isfinite(loss)), self.context, self.device)
             if finite:
@@ -688,12 +794,36 @@ class Trainer:
                 state.stepped = self.timed("optimizer", self._optimizer_step)
                 if state.stepped:
                     self.nonfinite_streak, self.recovering = 0, False
-            for name, term in terms.items():
+            for name, term in (first_pass_terms or terms).items():
                 self.loss_sums[name] = self.loss_sums.get(name, 0.0) + term.detach().float()
             self.loss_steps += 1
         state.learning_rates = tuple(group["lr"] for group in self.optimizer.param_groups)
         self._record_step(images.shape[-1], len(targets))
         return dict(self.step_record.mean_losses)
+
+    @contextmanager
+    def _sharpness_aware(
+        self, images: Tensor, targets: Tensor, target_weights: Tensor | None
+    ) -> Iterator[Mapping[str, Tensor] | None]:
+        """--sam: SAM's first pass (forward and gradient at the real weights), the weights moved to SAM's worst
+        nearby point for the block (the usual forward and backward, whose gradient the optimizer uses), then put
+        back. Yields the first pass's loss terms, the loss at the real weights, which the logs report.
+
+        The first pass runs under DDP's ``no_sync`` (each rank perturbs with its own batch's gradient, SAM's
+        m-sharpness) and leaves ``.grad`` alone, so accumulation over batches works as without SAM; BatchNorm
+        running statistics are updated by the first pass only (:mod:`detector.engine.sam`). Yields None without SAM.
+        """
+        if self.sam is None:
+            yield None
+            return
+        with self.train_model.no_sync() if self.context.is_distributed else nullcontext():
+            loss, terms = self._forward(images, targets, target_weights)
+            self.timed("backward", lambda: self.sam.perturb(self.scaler.scale(loss)))
+        try:
+            with frozen_running_statistics(self.model):
+                yield terms
+        finally:
+            self.sam.restore()
 
     def _mean_losses(self) -> dict[str, float]:
         """Each loss term averaged over the epoch's steps so far (one device-to-host copy for all terms)."""
@@ -712,14 +842,16 @@ class Trainer:
         self, images: Tensor, targets: Tensor, target_weights: Tensor | None = None
     ) -> tuple[Tensor, Mapping[str, Tensor]]:
         """The loss to backpropagate and its named terms; ``target_weights`` (N,) go to the loss only when given
-        (pseudo-labels), so a loss without a weights argument serves every other run."""
+        (pseudo-labels), so a loss without a weights argument serves every other run. A DistillationLoss also gets
+        the images, which its teacher sees under the same autocast (its time counts as the loss's)."""
         autocast = (
             torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         )
         with autocast:
             raw = self.timed("forward", lambda: self.train_model(images))
             weighted = () if target_weights is None else (target_weights,)
-            terms = self.timed("loss", lambda: self.loss_fn(raw, targets, *weighted))
+            teacher_input = {"images": images} if isinstance(self.loss_fn, DistillationLoss) else {}
+            terms = self.timed("loss", lambda: self.loss_fn(raw, targets, *weighted, **teacher_input))
         loss = sum(terms.values()) * images.shape[0]  # YOLOv5's scale: lr0 in hyp files assumes it
         if self.context.is_distributed:
             loss = loss * self.context.world_size  # DDP averages gradients over ranks; the loss is a per-batch sum
@@ -740,10 +872,11 @@ class Trainer:
         With fp16 the GradScaler skips such steps itself (and lowers its scale), which is routine, not an error.
         """
         self.scaler.unscale_(self.optimizer)
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=MAX_GRAD_NORM)
+        grad_norm = clip_gradients(self.model.parameters(), self.config.clip_grad, self.config.clip_value)
         if not self.scaler.is_enabled() and not torch.isfinite(grad_norm):
             self._skip_nonfinite(f"gradient norm {grad_norm.item():g}")
             return False
+        self.callbacks.run("on_before_optimizer_step", self)  # complete, unscaled, clipped gradients (--sparsity)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from detector.models.norms import conv_norm
 from detector.models.registry import register
 
 ActivationFactory = Callable[[], nn.Module]
@@ -46,11 +47,20 @@ def _activation_module(act: bool | nn.Module, activation: ActivationFactory) -> 
     return activation() if act else nn.Identity()
 
 
+def explicit_widths(hidden_channels: Sequence[int], count: int, block: str) -> list[int]:
+    """Check a block's explicit inner widths (``hidden_channels``, written by pruning): ``count`` positive ints."""
+    widths = list(hidden_channels)
+    if len(widths) != count or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+        raise ValueError(f"{block} needs {count} positive inner channel counts, got {widths}")
+    return widths
+
+
 @register
 class Conv(nn.Module):
     """Conv2d (no bias) -> BatchNorm2d(eps=1e-3, momentum=0.03) -> activation. (B, C_in, H, W) -> (B, C_out, H/s, W/s).
 
-    ``act``: True for the model's activation, False for none, or a module to use as is.
+    ``act``: True for the model's activation, False for none, or a module to use as is. The model builder may
+    replace ``bn`` by a BatchNorm2d subclass of :mod:`detector.models.norms` (the model's ``norm``).
     """
 
     scales_width = True
@@ -84,7 +94,7 @@ class Conv(nn.Module):
         self.act = _activation_module(act, activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.bn(self.conv(x)))
+        return self.act(conv_norm(self.conv, self.bn, x))
 
     def fuse(self) -> None:
         """Fold the BatchNorm into the conv's weight and bias (inference only: BN statistics stop updating)."""
@@ -127,7 +137,10 @@ class DWConv(Conv):
 
 @register
 class Bottleneck(nn.Module):
-    """1x1 Conv -> 3x3 Conv, plus the input when ``shortcut`` and the channel counts agree."""
+    """1x1 Conv -> 3x3 Conv, plus the input when ``shortcut`` and the channel counts agree.
+
+    ``hidden_channels``: ``[cv1's width]`` instead of ``out_channels * expansion`` (pruned models).
+    """
 
     scales_width = True
     takes_activation = True
@@ -141,9 +154,12 @@ class Bottleneck(nn.Module):
         expansion: float = 0.5,
         *,
         activation: ActivationFactory = default_activation,
+        hidden_channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         hidden = int(out_channels * expansion)
+        if hidden_channels is not None:
+            (hidden,) = explicit_widths(hidden_channels, 1, "Bottleneck")
         self.cv1 = Conv(in_channels, hidden, 1, 1, activation=activation)
         self.cv2 = Conv(hidden, out_channels, 3, 1, groups=groups, activation=activation)
         self.add = shortcut and in_channels == out_channels
@@ -159,6 +175,10 @@ class C3(nn.Module):
     """CSP block with 3 convs: two 1x1 branches, one through ``repeats`` bottlenecks, concatenated and mixed by a 1x1.
 
     (B, C_in, H, W) -> (B, C_out, H, W); the branches have ``int(C_out * expansion)`` channels.
+
+    ``hidden_channels`` (pruned models, plain C3 only) gives every inner width instead: cv1, cv2, then each
+    bottleneck's cv1 and cv2 (``2 + 2 * repeats`` numbers); with ``shortcut`` a bottleneck's output must keep its
+    input's width (the residual add).
     """
 
     scales_width = True
@@ -175,13 +195,48 @@ class C3(nn.Module):
         expansion: float = 0.5,
         *,
         activation: ActivationFactory = default_activation,
+        hidden_channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        if hidden_channels is not None:
+            self._explicit_blocks(in_channels, out_channels, repeats, shortcut, groups, activation, hidden_channels)
+            return
         hidden = int(out_channels * expansion)
         self.cv1 = Conv(in_channels, hidden, 1, 1, activation=activation)
         self.cv2 = Conv(in_channels, hidden, 1, 1, activation=activation)
         self.cv3 = Conv(2 * hidden, out_channels, 1, activation=activation)
         self.m = self._inner_blocks(hidden, repeats, shortcut, groups, activation)
+
+    def _explicit_blocks(
+        self,
+        in_channels: int,
+        out_channels: int,
+        repeats: int,
+        shortcut: bool,
+        groups: int,
+        activation: ActivationFactory,
+        hidden_channels: Sequence[int],
+    ) -> None:
+        """The same modules (same state-dict names) with the inner widths ``hidden_channels`` lists."""
+        if type(self)._inner_blocks is not C3._inner_blocks:
+            raise ValueError(f"{type(self).__name__} takes no explicit inner channel counts (only plain C3 does)")
+        widths = explicit_widths(hidden_channels, 2 + 2 * repeats, type(self).__name__)
+        self.cv1 = Conv(in_channels, widths[0], 1, 1, activation=activation)
+        self.cv2 = Conv(in_channels, widths[1], 1, 1, activation=activation)
+        blocks, channels = [], widths[0]
+        for index in range(repeats):
+            hidden, block_out = widths[2 + 2 * index], widths[3 + 2 * index]
+            if shortcut and block_out != channels:
+                raise ValueError(
+                    f"C3 bottleneck {index}: with a shortcut its output must keep its input's {channels} channels "
+                    f"(residual add), got {block_out}"
+                )
+            blocks.append(
+                Bottleneck(channels, block_out, shortcut, groups, activation=activation, hidden_channels=[hidden])
+            )
+            channels = block_out
+        self.cv3 = Conv(channels + widths[1], out_channels, 1, activation=activation)
+        self.m = nn.Sequential(*blocks)  # after cv3, as in __init__: the state dict keeps its usual order
 
     def _inner_blocks(
         self, hidden: int, repeats: int, shortcut: bool, groups: int, activation: ActivationFactory
@@ -196,7 +251,10 @@ class C3(nn.Module):
 
 @register
 class SPPF(nn.Module):
-    """Spatial pyramid pooling, fast: three chained k x k max-pools (same result as SPP with k, 2k-1, 3k-2)."""
+    """Spatial pyramid pooling, fast: three chained k x k max-pools (same result as SPP with k, 2k-1, 3k-2).
+
+    ``hidden_channels``: ``[cv1's width]`` instead of ``C_in // 2`` (pruned models).
+    """
 
     scales_width = True
     takes_activation = True
@@ -208,9 +266,12 @@ class SPPF(nn.Module):
         kernel_size: int = 5,
         *,
         activation: ActivationFactory = default_activation,
+        hidden_channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         hidden = in_channels // 2
+        if hidden_channels is not None:
+            (hidden,) = explicit_widths(hidden_channels, 1, type(self).__name__)
         self.cv1 = Conv(in_channels, hidden, 1, 1, activation=activation)
         self.cv2 = Conv(hidden * 4, out_channels, 1, 1, activation=activation)
         self.m = nn.MaxPool2d(kernel_size=kernel_size, stride=1, padding=kernel_size // 2)
@@ -224,7 +285,10 @@ class SPPF(nn.Module):
 
 @register
 class SPP(nn.Module):
-    """Spatial pyramid pooling (YOLOv3-SPP): parallel max-pools of the given kernel sizes, concatenated."""
+    """Spatial pyramid pooling (YOLOv3-SPP): parallel max-pools of the given kernel sizes, concatenated.
+
+    ``hidden_channels``: ``[cv1's width]`` instead of ``C_in // 2`` (pruned models).
+    """
 
     scales_width = True
     takes_activation = True
@@ -236,9 +300,12 @@ class SPP(nn.Module):
         kernel_sizes: Sequence[int] = (5, 9, 13),
         *,
         activation: ActivationFactory = default_activation,
+        hidden_channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         hidden = in_channels // 2
+        if hidden_channels is not None:
+            (hidden,) = explicit_widths(hidden_channels, 1, type(self).__name__)
         self.cv1 = Conv(in_channels, hidden, 1, 1, activation=activation)
         self.cv2 = Conv(hidden * (len(kernel_sizes) + 1), out_channels, 1, 1, activation=activation)
         self.m = nn.ModuleList(nn.MaxPool2d(kernel_size=k, stride=1, padding=k // 2) for k in kernel_sizes)

@@ -6,6 +6,8 @@ itself through class attributes (read with defaults, so plain ``torch.nn`` class
 
 ``scales_width``          args[0] is the output channel count: multiplied by ``width_multiple``, rounded up to a
                           multiple of 8, and the input channel count is put before it (``[c_in, c_out, *rest]``).
+                          A list ``[c_out, *inner]`` instead gives exact widths (pruned models); ``inner`` goes to
+                          the block as the keyword ``hidden_channels`` (see :mod:`detector.models.yolo`).
 ``takes_repeats``         the row's (depth-scaled) repeat count goes in as the third argument and the block is built
                           once, instead of the parser stacking ``repeats`` copies in an ``nn.Sequential``.
 ``concatenates_inputs``   output channels are the sum of the inputs' channels (``Concat``).

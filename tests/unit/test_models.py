@@ -208,7 +208,8 @@ def test_fuse_keeps_outputs_and_matches_yolov5_fused_count(yolov5n: DetectionMod
         fused = fused_model(image)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused_model.modules())
     assert sum(p.numel() for p in fused_model.parameters()) == 1_867_405
-    assert (fused - unfused).abs().max().item() < 1e-4
+    # Box sizes reach ~400 px: float32 rounding of the fused sums is relative (1e-4 absolute at 400 px is 2.5e-7).
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-4)
 
 
 def test_info_logs_a_summary(yolov5n: DetectionModel, caplog: pytest.LogCaptureFixture) -> None:

@@ -146,6 +146,9 @@ def test_resume_takes_the_saved_config_and_allows_safe_flags(tmp_path):
         "cache_dir",
         "time",
         "logger",
+        "channels_last",
+        "compile",
+        "grad_checkpoint",
     }
 
 
