@@ -73,12 +73,13 @@ def _trained_acnet_model() -> DetectionModel:
     loss_fn = DetectionLoss(model, TrainConfig().hyp)
     targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.4], [1, 2, 0.3, 0.6, 0.2, 0.2]])
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    weight_before = model.model[1].conv_h.weight.clone()
+    scale_before = model.model[1].bn_h.weight.clone()
+    assert not scale_before.any()  # the branches start silent: the block starts as its 3x3 conv
     loss = sum(loss_fn(model(images), targets).values())
     assert torch.isfinite(loss)
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.1).step()
-    assert not torch.equal(model.model[1].conv_h.weight, weight_before)  # the asymmetric branches train
+    assert not torch.equal(model.model[1].bn_h.weight, scale_before)  # the asymmetric branches train
     _randomise_norms(model)
     return model.eval()
 
@@ -113,3 +114,16 @@ def test_checkpoint_of_an_acnet_model_loads_and_loads_fused(tmp_path) -> None:
         torch.testing.assert_close(fused(images), expected, rtol=1e-4, atol=1e-3)  # decoded: boxes in pixels
     with pytest.raises(ValueError, match="cannot checkpoint a fused model"):
         checkpoint_model_entries(fused)
+
+
+def test_a_converted_conv_starts_as_the_conv_it_replaces() -> None:
+    # Zero-initialised branch scales: converting a trained model (--acnet --weights ...) keeps its outputs, in
+    # training (batch statistics) and in eval mode, until the scales have trained.
+    torch.manual_seed(0)
+    conv = Conv(4, 8, 3, 1)
+    block = ACConv.from_conv(conv)
+    images = torch.rand(2, 4, 16, 16)
+    for mode in (True, False):
+        conv.train(mode), block.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(block(images), conv(images))
