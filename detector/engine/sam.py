@@ -118,17 +118,3 @@ class SAM:
             closure().backward()
         self.optimizer.step()
         return loss.detach()
-
-
-@contextmanager
-def frozen_running_statistics(model: nn.Module) -> Iterator[None]:
-    """Every buffer of ``model`` as it was before the block: SAM's second pass, at perturbed weights, must not move
-    BatchNorm's running statistics (nor any other normalisation's state); the first pass at the real weights updates
-    them once, as a step without SAM does. Constant buffers (anchors, strides) are copied back unchanged."""
-    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)

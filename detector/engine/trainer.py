@@ -67,7 +67,7 @@ from detector.engine.hooks import default_hooks
 from detector.engine.loggers import memory_usage
 from detector.engine.optim import accumulate_steps, build_optimizer, clip_gradients, scaled_weight_decay
 from detector.engine.pseudo import PseudoLabeler, unmark_pseudo_targets
-from detector.engine.sam import SAM, frozen_running_statistics
+from detector.engine.sam import SAM
 from detector.engine.schedules import (
     LRSchedule,
     build_schedule,
@@ -86,14 +86,14 @@ from detector.models.loading import load_model, model_from_checkpoint
 from detector.models.loss import DetectionLoss, LossFunction, initialize_focal_biases, scale_loss_gains
 from detector.models.norms import check_norm_options, norm_overrides
 from detector.models.regularization import set_head_dropout, set_stochastic_depth
-from detector.models.yolo import DetectionModel, buffers_kept
+from detector.models.yolo import DetectionModel
 from detector.ops.metrics import Metrics
 from detector.utils.checkpoint import load_checkpoint
 from detector.utils.checks import check_imgsz, round_to_stride
 from detector.utils.files import increment_path
 from detector.utils.logging import add_file_log, remove_file_log, setup_logging, start_log_buffer
 from detector.utils.plots import plot_labels
-from detector.utils.torch_utils import describe_device, init_seeds, select_device, unwrap_model
+from detector.utils.torch_utils import buffers_kept, describe_device, init_seeds, select_device, unwrap_model
 
 LOGGER = logging.getLogger(__name__)
 
@@ -820,7 +820,7 @@ class Trainer:
             loss, terms = self._forward(images, targets, target_weights)
             self.timed("backward", lambda: self.sam.perturb(self.scaler.scale(loss)))
         try:
-            with frozen_running_statistics(self.model):
+            with buffers_kept(self.model):  # the second pass at perturbed weights is not a step
                 yield terms
         finally:
             self.sam.restore()

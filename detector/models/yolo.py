@@ -24,8 +24,8 @@ import functools
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from detector.models.blocks import Conv
 from detector.models.head import Detect
 from detector.models.norms import NormSpec, parse_norm
 from detector.models.registry import get_layer, layer_rule
-from detector.utils.torch_utils import unwrap_model
+from detector.utils.torch_utils import buffers_kept, unwrap_model
 
 LOGGER = logging.getLogger(__name__)
 
@@ -277,26 +277,11 @@ def parse_model(
     return nn.ModuleList(layers), tuple(specs)
 
 
-@contextmanager
-def buffers_kept(module: nn.Module) -> Iterator[None]:
-    """Every buffer of ``module`` (BatchNorm running statistics and batch counts) the same after the block as before.
-
-    The recomputation of a checkpointed layer in backward runs its forward again in training mode; without this
-    every BatchNorm would count the batch twice. (Switching ``track_running_stats`` off instead would make the
-    recomputation save fewer tensors than the forward did, which the checkpoint refuses.)
-    """
-    saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-
-
 def checkpointed_call(layer: nn.Module, x: Tensor | list[Tensor]) -> Tensor:
     """``layer(x)`` keeping only ``x`` for backward, where the layer's inside is recomputed (non-reentrant
-    ``torch.utils.checkpoint``: same RNG draws, autocast and gradients; BatchNorm statistics updated once)."""
+    ``torch.utils.checkpoint``: same RNG draws, autocast and gradients; BatchNorm statistics updated once, the
+    recomputation restoring them with ``buffers_kept``: switching ``track_running_stats`` off instead would make it
+    save fewer tensors than the forward did, which the checkpoint refuses)."""
     if torch.compiler.is_compiling():
         # Under torch.compile the recomputation is part of the compiled backward graph, which updates no buffers
         # (they are written once, by the forward graph); TorchDynamo also refuses a context_fn here.

@@ -6,6 +6,8 @@ import logging
 import os
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -88,3 +90,20 @@ def describe_device(device: torch.device) -> str:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain model inside a DistributedDataParallel / DataParallel wrapper, else the model itself."""
     return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+@contextmanager
+def buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Every buffer of ``module`` (BatchNorm running statistics and batch counts, any normalisation's state) the
+    same after the block as before; constant buffers (anchors, strides) are copied back unchanged.
+
+    Used where a forward must not count as a step: SAM's second pass at perturbed weights, the recomputation of a
+    checkpointed layer in backward, the --compile probe on a blank batch.
+    """
+    saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)

@@ -15,9 +15,10 @@ from torch import nn
 from detector.config import MODEL_CONFIG_DIR, TrainConfig, check_train_config
 from detector.data.builtin import ensure_builtin_dataset
 from detector.engine.optim import build_optimizer, clip_gradients
-from detector.engine.sam import SAM, frozen_running_statistics
+from detector.engine.sam import SAM
 from detector.engine.trainer import Trainer
 from detector.errors import ConfigError
+from detector.utils.torch_utils import buffers_kept
 
 # f(a, b) = 0.5 a^T A a + 0.5 b^T B b: two parameter tensors, so the norm must be taken over both together.
 A = np.array([[3.0, 1.0], [1.0, 2.0]])
@@ -90,10 +91,10 @@ def test_a_gradscaler_scale_cancels_and_a_non_finite_gradient_perturbs_nothing()
     assert torch.equal(a.detach(), torch.tensor(A0)) and sam.saved == []
 
 
-def test_frozen_running_statistics_are_restored_after_the_block():
+def test_running_statistics_are_restored_after_the_block():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
     before = copy.deepcopy(model.state_dict())
-    with frozen_running_statistics(model):
+    with buffers_kept(model):
         model(torch.randn(2, 3, 8, 8))
         assert not torch.equal(model[1].running_mean, before["1.running_mean"])
     torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0)
