@@ -79,10 +79,11 @@ class Predictor:
     augmentation; ``half`` FP16 on CUDA; ``data`` a dataset YAML for class names. ``weights`` may also be an
     already loaded :class:`Backend`. ``multi_label`` keeps a box for every class above ``conf_thres`` (val's rule).
 
-    Tiling (:mod:`detector.engine.tiling`): ``tile`` > 0 predicts each image in overlapping ``tile`` px tiles
-    (``tile_overlap`` of a tile), each letterboxed to ``imgsz`` and batched, plus the whole image with
-    ``tile_full``; the tiles' boxes are joined by ``tile_merge`` ("nms"/"nmm") of boxes whose ``tile_match``
-    ("iou"/"ios") exceeds ``tile_match_thres`` (across classes with ``agnostic_nms``).
+    Tiling (:mod:`detector.engine.tiling`): with ``tiling`` (a :class:`TileOptions`, e.g.
+    ``TileOptions.from_config(config)``; None = off) each image is predicted in overlapping tiles, each letterboxed
+    to ``imgsz`` and batched, plus the whole image with ``full``; the tiles' boxes are joined by ``merge``
+    ("nms"/"nmm") of boxes whose ``match`` ("iou"/"ios") exceeds ``match_thres`` (across classes with
+    ``agnostic_nms``).
     """
 
     def __init__(
@@ -100,20 +101,13 @@ class Predictor:
         half: bool = False,
         data: str | Path | None = None,
         multi_label: bool = False,
-        tile: int = 0,
-        tile_overlap: float = 0.2,
-        tile_full: bool = False,
-        tile_merge: str = "nms",
-        tile_match: str = "ios",
-        tile_match_thres: float = 0.5,
+        tiling: TileOptions | None = None,
     ) -> None:
         check_threshold("--conf-thres", conf_thres)
         check_threshold("--iou-thres", iou_thres)
         if max_det < 1:
             raise ConfigError(f"--max-det must be at least 1, got {max_det}")
-        self.tiling = TileOptions.create(
-            tile, overlap=tile_overlap, full=tile_full, merge=tile_merge, match=tile_match, match_thres=tile_match_thres
-        )
+        self.tiling = tiling
         if isinstance(weights, Backend):
             self.backend: Backend = weights
         else:
@@ -152,12 +146,7 @@ class Predictor:
             augment=config.augment,
             half=config.half,
             data=config.data,
-            tile=config.tile,
-            tile_overlap=config.tile_overlap,
-            tile_full=config.tile_full,
-            tile_merge=config.tile_merge,
-            tile_match=config.tile_match,
-            tile_match_thres=config.tile_match_thres,
+            tiling=TileOptions.from_config(config),
         )
 
     @property
@@ -307,7 +296,8 @@ class Detector:
     image path, a BGR (H, W, 3) uint8 array, a list of paths/arrays, a folder, a glob, a .txt list or a video
     file -> a list of :class:`Results`, one per image or video frame. Long videos, webcams and stream URLs are
     read lazily with :meth:`stream` (results keep their frame, so a list of a long video holds every frame).
-    ``tile=640`` (and the other ``tile_*`` options, see :class:`Predictor`) predicts in tiles, for small objects.
+    ``tile=640`` (and ``tile_overlap``, ``tile_full``, ``tile_merge``, ``tile_match``, ``tile_match_thres``: detect.py's
+    ``--tile*`` flags, :class:`~detector.engine.tiling.TileOptions`) predicts in tiles, for small objects.
     """
 
     def __init__(
@@ -331,6 +321,9 @@ class Detector:
         tile_match: str = "ios",
         tile_match_thres: float = 0.5,
     ) -> None:
+        tiling = TileOptions.create(
+            tile, overlap=tile_overlap, full=tile_full, merge=tile_merge, match=tile_match, match_thres=tile_match_thres
+        )
         self.predictor = Predictor(
             weights,
             device=device,
@@ -343,12 +336,7 @@ class Detector:
             augment=augment,
             half=half,
             data=data,
-            tile=tile,
-            tile_overlap=tile_overlap,
-            tile_full=tile_full,
-            tile_merge=tile_merge,
-            tile_match=tile_match,
-            tile_match_thres=tile_match_thres,
+            tiling=tiling,
         )
 
     @property

@@ -254,12 +254,7 @@ class Validator:
             agnostic_nms=config.single_cls,
             augment=config.augment,
             multi_label=True,
-            tile=config.tile,
-            tile_overlap=config.tile_overlap,
-            tile_full=config.tile_full,
-            tile_merge=config.tile_merge,
-            tile_match=config.tile_match,
-            tile_match_thres=config.tile_match_thres,
+            tiling=TileOptions.from_config(config),
         )
         images = tqdm(dataset.im_files, desc=_format_row(TABLE_HEADER), disable=not self.progress, leave=False)
         for path, labels in zip(images, dataset.labels, strict=True):
