@@ -4,8 +4,22 @@ modules: 64 px, no augmentation, no warmup, no plots, no AutoAnchor, one process
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
-from detector.config import TrainConfig, load_hyp
+import yaml
+
+from detector.config import MODEL_CONFIG_DIR, TrainConfig, load_hyp
+from detector.data.builtin import ensure_builtin_dataset
+
+
+def make_tiny(root: Path, num_train: int = 8, num_val: int = 4) -> dict:
+    """Built-in images under ``root`` and a yolov5n variant at 1/8 width (~0.1 M parameters) that trains in seconds:
+    ``{"data": dataset YAML, "cfg": model YAML, "root": root}``."""
+    data = ensure_builtin_dataset(root / "data", num_train=num_train, num_val=num_val, progress=False)
+    model = yaml.safe_load((MODEL_CONFIG_DIR / "yolov5n.yaml").read_text())
+    model["width_multiple"] = 0.125
+    (root / "tiny.yaml").write_text(yaml.safe_dump(model))
+    return {"data": str(data), "cfg": str(root / "tiny.yaml"), "root": root}
 
 
 def tiny_config(tiny, tmp_path, **changes) -> TrainConfig:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
-
-from detector.config import MODEL_CONFIG_DIR
-from detector.data.builtin import ensure_builtin_dataset
+from tiny_runs import make_tiny
 
 
 @pytest.fixture
@@ -22,10 +19,4 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict:
     """8 train + 4 val built-in images and a yolov5n variant at 1/8 width (~0.1 M parameters)."""
-    root = tmp_path_factory.mktemp("tiny")
-    data = ensure_builtin_dataset(root / "data", num_train=8, num_val=4, progress=False)
-    model = yaml.safe_load((MODEL_CONFIG_DIR / "yolov5n.yaml").read_text())
-    model["width_multiple"] = 0.125
-    model_path = root / "tiny.yaml"
-    model_path.write_text(yaml.safe_dump(model))
-    return {"data": str(data), "cfg": str(model_path), "root": root}
+    return make_tiny(tmp_path_factory.mktemp("tiny"), num_train=8, num_val=4)

@@ -8,12 +8,10 @@ import csv
 import numpy as np
 import pytest
 import torch
-import yaml
-from tiny_runs import tiny_config
+from tiny_runs import make_tiny, tiny_config
 
 from detector.cli.train import main as train_main
-from detector.config import MODEL_CONFIG_DIR, LRFindConfig
-from detector.data.builtin import ensure_builtin_dataset
+from detector.config import LRFindConfig
 from detector.engine.lr_find import LRFinder, RangeTest, lr_find_figure, suggest_lr
 from detector.errors import ConfigError
 
@@ -78,11 +76,8 @@ def tiny(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("lr_find")
-    data = ensure_builtin_dataset(root / "data", num_train=8, num_val=2, progress=False)
-    model = yaml.safe_load((MODEL_CONFIG_DIR / "yolov5n.yaml").read_text())
-    model["width_multiple"] = 0.125
-    (root / "tiny.yaml").write_text(yaml.safe_dump(model))
-    yield {"data": str(data), "cfg": str(root / "tiny.yaml")}
+    tiny = make_tiny(root, num_train=8, num_val=2)
+    yield tiny
     torch.set_num_threads(threads)
 
 

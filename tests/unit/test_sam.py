@@ -8,12 +8,10 @@ import copy
 import numpy as np
 import pytest
 import torch
-import yaml
-from tiny_runs import tiny_config
+from tiny_runs import make_tiny, tiny_config
 from torch import nn
 
-from detector.config import MODEL_CONFIG_DIR, TrainConfig, check_train_config
-from detector.data.builtin import ensure_builtin_dataset
+from detector.config import TrainConfig, check_train_config
 from detector.engine.optim import build_optimizer, clip_gradients
 from detector.engine.sam import SAM
 from detector.engine.trainer import Trainer
@@ -150,11 +148,8 @@ def tiny(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("sam")
-    data = ensure_builtin_dataset(root / "data", num_train=4, num_val=2, progress=False)
-    model = yaml.safe_load((MODEL_CONFIG_DIR / "yolov5n.yaml").read_text())
-    model["width_multiple"] = 0.125
-    (root / "tiny.yaml").write_text(yaml.safe_dump(model))
-    yield {"data": str(data), "cfg": str(root / "tiny.yaml")}
+    tiny = make_tiny(root, num_train=4, num_val=2)
+    yield tiny
     torch.set_num_threads(threads)
 
 

@@ -12,13 +12,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import yaml
-from tiny_runs import tiny_config
+from tiny_runs import make_tiny, tiny_config
 
 from detector.cli.common import given_flags
 from detector.cli.train import build_parser
-from detector.config import MODEL_CONFIG_DIR, TrainConfig, resolve_train_config
-from detector.data.builtin import ensure_builtin_dataset
+from detector.config import TrainConfig, resolve_train_config
 from detector.engine.callbacks import EpochRecord
 from detector.engine.trackers import MLflowLogger, WandbLogger, build_loggers, check_loggers
 from detector.engine.trainer import Trainer
@@ -44,11 +42,7 @@ def mlflow_env(monkeypatch: pytest.MonkeyPatch, root: Path) -> Any:
 def tracked_run(tmp_path_factory):
     """One real 2-epoch run of a tiny model with ``--logger mlflow,wandb`` (offline), plots on."""
     root = tmp_path_factory.mktemp("tracked")
-    data = ensure_builtin_dataset(root / "data", num_train=4, num_val=2, progress=False)
-    model = yaml.safe_load((MODEL_CONFIG_DIR / "yolov5n.yaml").read_text())
-    model["width_multiple"] = 0.125
-    (root / "tiny.yaml").write_text(yaml.safe_dump(model))
-    tiny = {"data": str(data), "cfg": str(root / "tiny.yaml")}
+    tiny = make_tiny(root, num_train=4, num_val=2)
     config = tiny_config(tiny, root, epochs=EPOCHS, batch_size=4, noplots=False, logger=("mlflow", "wandb"))
     wandb = pytest.importorskip("wandb", reason="the dev extra installs wandb")
     with pytest.MonkeyPatch.context() as monkeypatch:
