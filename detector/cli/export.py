@@ -16,7 +16,7 @@ dataset's): raw predictions within 1e-3 in fp32; --nms outputs equal to our sing
 with detections. A failed check exits non-zero and deletes the bad file; a format whose runtime or device is
 missing (TensorRT without CUDA) is skipped with one line and the others are still written. The results table
 says what each file holds: its precision, whether NMS is in the graph, and any option it could not apply
-(--nms for TorchScript/OpenVINO, --int8 without nncf or outside OpenVINO).
+(--nms for TorchScript/OpenVINO, --int8 for TorchScript/TensorRT or without nncf).
 
 Files go to --project/--name (runs/export/exp, exp2, ...), named after the weights (yolov5n.onnx,
 yolov5n.torchscript, yolov5n_openvino_model/, yolov5n.engine), never beside the weights.
@@ -24,6 +24,7 @@ yolov5n.torchscript, yolov5n_openvino_model/, yolov5n.engine), never beside the 
 examples:
   python export.py --weights yolov5n.pt --include onnx openvino --img 640
   python export.py --weights best.pt --include onnx --dynamic --simplify --nms --topk-all 100
+  python export.py --weights yolov5n.pt --include onnx openvino --int8 --data coco128.yaml
   python export.py --weights best.pt --include engine --device 0 --half --dynamic --batch-size 8 --nms
 """
 
@@ -44,8 +45,9 @@ FLAGS: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
     (
         ("--int8",),
         {"action": "store_true"},
-        "OpenVINO: int8 quantization with NNCF (pip install nncf) calibrated on --data images; other formats, or "
-        "no nncf: the table says int8 skipped, and why",
+        "ONNX (ONNX Runtime static quantization) and OpenVINO (NNCF, pip install nncf): int8 convolutions "
+        "calibrated on --data's val images, the Detect decode kept in float; other formats, or no nncf: the table "
+        "says int8 skipped, and why",
     ),
     (
         ("--data",),

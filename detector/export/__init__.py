@@ -6,8 +6,9 @@ module                 holds
 ``base.py``            :class:`Format`, the registry (:func:`register_format`, lookup by ``--include`` name
                        and by file suffix/folder), :class:`ExportContext` (one export run's shared state)
 ``torchscript.py``     :class:`TorchScriptFormat` and its backend
-``onnx.py``            :class:`OnnxFormat` and its backend (ONNX Runtime)
-``openvino.py``        :class:`OpenVINOFormat` and its backend (``--int8`` with NNCF)
+``onnx.py``            :class:`OnnxFormat` and its backend (ONNX Runtime; ``--int8`` with its static quantization)
+``openvino.py``        :class:`OpenVINOFormat` and its backend (``--int8`` with NNCF; bf16 for half precision)
+``int8.py``            what both ``--int8`` quantizers share: calibration images, trunk/decode split of the graph
 ``tensorrt.py``        :class:`TensorRTFormat` and its backend (CUDA)
 ``nms.py``             NMS inside the graph (``--nms``): :class:`NMSModel`, its Python reference
 ``metadata.py``        the metadata every export carries, :func:`read_metadata`, the TensorRT engine header

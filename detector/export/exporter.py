@@ -12,7 +12,8 @@ returns with the PyTorch model on real validation images (``--data``'s, else the
 
 A failed check is an :class:`~detector.errors.ExportError`: the bad file is deleted, the other formats are still
 written, and :meth:`Exporter.run` raises after logging the results table. Options a format cannot apply (``--nms``
-for TorchScript/OpenVINO, ``--int8`` without NNCF or outside OpenVINO) are shown in the table, never silently.
+for TorchScript/OpenVINO, ``--int8`` for TorchScript/TensorRT or without NNCF) are shown in the table, never
+silently.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from detector.errors import ConfigError, DetectorError, ExportError
 from detector.export.base import ExportContext, Format, format_for_include, quiet_tracing
 from detector.export.metadata import build_metadata, model_names
 from detector.export.nms import match_detections, reference_detections
-from detector.export.onnx import MAX_OPSET, MIN_OPSET
+from detector.export.onnx import MAX_OPSET, MIN_INT8_OPSET, MIN_OPSET
 from detector.utils.checks import check_imgsz, check_threshold
 from detector.utils.files import file_size_mb, increment_path
 from detector.utils.torch_utils import select_device
@@ -317,6 +318,10 @@ def validate_config(config: ExportConfig) -> None:
         raise ConfigError(f"--batch-size: expected at least 1, got {config.batch_size}")
     if not MIN_OPSET <= config.opset <= MAX_OPSET:
         raise ConfigError(f"--opset: expected {MIN_OPSET}..{MAX_OPSET} (torch's ONNX exporter), got {config.opset}")
+    if config.int8 and "onnx" in config.include and config.opset < MIN_INT8_OPSET:
+        raise ConfigError(
+            f"--opset: --int8 ONNX needs {MIN_INT8_OPSET} or newer (per-channel DequantizeLinear), got {config.opset}"
+        )
     check_threshold("--conf-thres", config.conf_thres)
     check_threshold("--iou-thres", config.iou_thres)
     for flag, value in (("--topk-all", config.topk_all), ("--topk-per-class", config.topk_per_class)):

@@ -2,8 +2,9 @@
 
 Keys (docs/architecture.md, "Export formats"): ``format`` ("detector-export-v1"), ``names`` (list, index = class
 id), ``stride`` (the largest), ``strides`` (per output level), ``imgsz`` ([h, w]), ``batch``, ``dynamic``,
-``half``, ``nms``, and with ``nms`` the NMS settings baked into the graph; OpenVINO adds ``int8``. Each format
-stores them its own way (``Format.read_metadata`` reads them back); :func:`read_metadata` works for any of them.
+``half``, ``nms``, and with ``nms`` the NMS settings baked into the graph; OpenVINO (always) and int8 ONNX
+files add ``int8``. Each format stores them its own way (``Format.read_metadata`` reads them back);
+:func:`read_metadata` works for any of them.
 """
 
 from __future__ import annotations

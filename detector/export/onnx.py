@@ -1,14 +1,16 @@
 """ONNX: ``<stem>.onnx`` written by torch.onnx, run by ONNX Runtime; metadata in ``metadata_props``.
 
 Options: ``--opset``, ``--dynamic`` (batch, height and width free), ``--simplify`` (onnxslim), ``--half`` (fp16
-graph and input), ``--nms`` (single-label NMS in the graph, :mod:`detector.export.nms`). Every metadata value is
-JSON-encoded (``"stride": "32"``); YOLOv5's files, whose values are Python literals, load too.
+graph and input), ``--nms`` (single-label NMS in the graph, :mod:`detector.export.nms`), ``--int8`` (ONNX Runtime's
+static quantization of the convolution trunk, :func:`quantize_onnx`). Every metadata value is JSON-encoded
+(``"stride": "32"``); YOLOv5's files, whose values are Python literals, load too.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from detector.engine.backends import (
 )
 from detector.errors import CheckpointError, ExportError
 from detector.export.base import INPUT_NAME, ExportContext, Format, RawOutput, quiet_tracing, register_format
+from detector.export.int8 import calibration_images, calibration_inputs, split_graph
 from detector.export.metadata import decode_metadata_value, nms_metadata
 from detector.export.nms import NMS_OUTPUT_NAMES, NMSModel
 
@@ -31,6 +34,7 @@ LOGGER = logging.getLogger(__name__)
 
 RAW_OUTPUT_NAME = "output0"
 MIN_OPSET, MAX_OPSET = 11, 20  # TopK/NonMaxSuppression need 11; torch's TorchScript-based ONNX exporter stops at 20
+MIN_INT8_OPSET = 13  # --int8: per-channel weights need DequantizeLinear's axis attribute
 
 
 class OnnxBackend(Backend):
@@ -77,19 +81,32 @@ class OnnxBackend(Backend):
 
 @register_format
 class OnnxFormat(Format):
-    """ONNX (--opset, --dynamic, --simplify, --half, --nms); metadata in ``metadata_props``; run by onnxruntime."""
+    """ONNX (--opset, --dynamic, --simplify, --half, --nms, --int8); metadata in ``metadata_props``; run by
+    onnxruntime."""
 
     name = "onnx"
     title = "ONNX"
     suffixes = (".onnx",)
     required_packages = ("onnx", "onnxruntime")
     supports_nms = True
+    supports_int8 = True
 
     def output_path(self, ctx: ExportContext) -> Path:
         return ctx.output_stem.with_suffix(".onnx")
 
+    def is_half(self, ctx: ExportContext) -> bool:
+        return ctx.config.half and not self.uses_int8(ctx)  # an int8 graph takes float32
+
+    def skipped_options(self, ctx: ExportContext) -> dict[str, str]:
+        skipped = super().skipped_options(ctx)
+        if ctx.config.half and self.uses_int8(ctx):
+            skipped["half"] = "not applied: the int8 graph takes float32 input and keeps its decode in float32"
+        return skipped
+
     def write(self, ctx: ExportContext) -> Path:
         flavor = "nms" if self.uses_nms(ctx) else "raw"
+        if self.uses_int8(ctx):
+            return write_int8_onnx(ctx, self.output_path(ctx), flavor=flavor)
         half = self.is_half(ctx)
         path = write_onnx(ctx, self.output_path(ctx), flavor=flavor, half=half, simplify=ctx.config.simplify)
         if flavor == "raw" and not ctx.config.simplify:
@@ -109,8 +126,13 @@ class OnnxFormat(Format):
         # The same graph without NMS, in the same runtime: its predictions are the ones the NMS op saw.
         from detector.engine.backends import load_backend
 
-        raw = load_backend(ctx.onnx_file("raw", self.is_half(ctx)), self.check_device(ctx))
-        return raw(images), True
+        if self.uses_int8(ctx):  # the raw graph quantized alike: same calibration, so the same trunk
+            raw_file = ctx.work_dir / f"{ctx.output_stem.name}_raw_int8.onnx"
+            if not raw_file.is_file():
+                write_int8_onnx(ctx, raw_file, flavor="raw")
+        else:
+            raw_file = ctx.onnx_file("raw", self.is_half(ctx))
+        return load_backend(raw_file, self.check_device(ctx))(images), True
 
 
 def write_onnx(ctx: ExportContext, path: Path, *, flavor: str, half: bool, simplify: bool) -> Path:
@@ -130,14 +152,87 @@ def write_onnx(ctx: ExportContext, path: Path, *, flavor: str, half: bool, simpl
     if flavor != "raw":
         _set_detection_output_shapes(proto, config.topk_all)
     metadata = ctx.metadata if flavor == "raw" else nms_metadata(ctx.metadata, config)
-    del proto.metadata_props[:]
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(value)
+    _set_metadata(proto, metadata)
     if flavor != "tensorrt":  # the checker does not know TRT:: plugin ops
         onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return path
+
+
+def _set_metadata(proto: Any, metadata: dict[str, Any]) -> None:
+    """Replace the model's ``metadata_props`` with ``metadata``, each value JSON-encoded."""
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+
+
+def write_int8_onnx(ctx: ExportContext, path: Path, *, flavor: str) -> Path:
+    """The float32 graph of ``flavor`` ("raw" or "nms") written to the work folder, then quantized to ``path`` by
+    :func:`quantize_onnx`; its metadata gains ``"int8": true``."""
+    import onnx
+
+    float_file = write_onnx(
+        ctx, ctx.work_dir / f"{path.stem}_float.onnx", flavor=flavor, half=False, simplify=ctx.config.simplify
+    )
+    quantize_onnx(float_file, path, ctx)
+    proto = onnx.load(str(path))
+    metadata = {p.key: decode_metadata_value(p.value) for p in proto.metadata_props if not p.key.startswith("onnx.")}
+    _set_metadata(proto, {**metadata, "int8": True})
+    onnx.save(proto, str(path))
+    return path
+
+
+def quantize_onnx(source: Path, target: Path, ctx: ExportContext) -> None:
+    """ONNX Runtime static quantization of ``source`` into ``target`` (QDQ format), calibrated on ``--data``.
+
+    Only the convolution trunk is quantized: int8 weights per output channel (symmetric), uint8 activations whose
+    ranges are the mean over the calibration images of each image's minimum and maximum (less swayed by one
+    outlier image than the overall extremes, as NNCF does). ONNX Runtime runs a Conv between QuantizeLinear nodes
+    as an integer convolution (VNNI where the CPU has it), so it would quantize a convolution's output too: the
+    Detect head's 1x1 convolutions stay float32 with the decode after them
+    (:func:`detector.export.int8.split_graph`), so the logits that become boxes and scores are not rounded to
+    256 levels.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    prepared = ctx.work_dir / f"{target.stem}_prepared.onnx"
+    # ONNX Runtime's recommended preparation: shape inference and its basic graph optimizations (constant folding;
+    # Identity nodes removed - torch's exporter feeds identical biases, e.g. of an untrained model, through them)
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    graph = onnx.load(str(prepared), load_external_data=False).graph
+    producers = {output: node.name for node in graph.node for output in node.output}
+    inputs_of = {node.name: [producers[i] for i in node.input if i in producers] for node in graph.node}
+    split = split_graph(inputs_of, [node.name for node in graph.node if node.op_type == "Conv"])
+    images = calibration_images(ctx)
+    LOGGER.info(f"ONNX: int8 calibration on {len(images)} {ctx.check_source} images")
+    try:
+        quantize_static(
+            str(prepared),
+            str(target),
+            _CalibrationReader(calibration_inputs(ctx, images)),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=sorted(split.decode | split.head),
+            extra_options={"CalibMovingAverage": True},  # mean of the per-image minima and maxima
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+class _CalibrationReader:
+    """ONNX Runtime's calibration data reader protocol (``get_next``: one input dict, then None) over images."""
+
+    def __init__(self, inputs: Iterator[Any]) -> None:
+        self.inputs = inputs
+
+    def get_next(self) -> dict[str, Any] | None:
+        image = next(self.inputs, None)
+        return None if image is None else {INPUT_NAME: image}
 
 
 def trace_to_onnx(module: nn.Module, example: Tensor, path: Path, *, opset: int, nms: bool, dynamic: bool) -> None:

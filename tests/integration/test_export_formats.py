@@ -299,20 +299,21 @@ def test_nms_check_without_data_runs_on_builtin_images_and_never_passes_empty(
 def test_int8_that_cannot_run_is_reported_skipped_with_the_reason(
     tiny_model: DetectionModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--int8 without NNCF, or for a format other than OpenVINO: the file is written at its own precision and the
-    results say "int8 skipped" and why - never an ok that reads as an int8 model."""
+    """--int8 without NNCF, or for a format without int8 (TorchScript): the file is written at its own precision
+    and the results say "int8 skipped" and why - never an ok that reads as an int8 model."""
     monkeypatch.setitem(sys.modules, "nncf", None)  # as if nncf were not installed: importing it fails
-    config = ExportConfig(include=("openvino", "onnx"), imgsz=(64, 64), int8=True, project=str(tmp_path))
-    openvino_result, onnx_result = Exporter(config).run(tiny_model)
+    config = ExportConfig(include=("openvino", "torchscript"), imgsz=(64, 64), int8=True, project=str(tmp_path))
+    openvino_result, torchscript_result = Exporter(config).run(tiny_model)
     assert openvino_result.ok and openvino_result.precision == "fp32"
     assert openvino_result.skipped_options == {"int8": "skipped: NNCF is not installed (pip install nncf)"}
-    assert onnx_result.skipped_options == {"int8": "skipped: ONNX has no int8 export (only openvino)"}
+    expected = {"int8": "skipped: TorchScript has no int8 export (only onnx, openvino)"}
+    assert torchscript_result.ok and torchscript_result.skipped_options == expected
     assert read_metadata(openvino_result.path)["int8"] is False
-    table = results_table([openvino_result, onnx_result])  # what Exporter.run logs
+    table = results_table([openvino_result, torchscript_result])  # what Exporter.run logs
     openvino_row = next(line for line in table.splitlines() if line.startswith("OpenVINO "))
     assert "fp32 (int8 skipped)" in openvino_row
     assert "OpenVINO: --int8 skipped: NNCF is not installed (pip install nncf)" in table
-    assert "ONNX: --int8 skipped: ONNX has no int8 export" in table
+    assert "TorchScript: --int8 skipped: TorchScript has no int8 export" in table
 
 
 @pytest.mark.slow

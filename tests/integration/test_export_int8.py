@@ -1,0 +1,200 @@
+"""--int8 export (ONNX Runtime static quantization, OpenVINO with NNCF) on a tiny model and the tiny dataset.
+
+Checked independently of the exporter's own check: the written files are run here in onnxruntime / OpenVINO and
+compared with the PyTorch model on the dataset's real images, and their graphs are read to see that the
+convolutions really are quantized and that nothing between the last convolution and the output is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from tiny_models import yolov5_blocks_yaml
+from torch import nn
+
+from detector.data.augment import letterbox
+from detector.export import export, read_metadata
+from detector.export.base import validation_images
+from detector.models.yolo import DetectionModel
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+IMGSZ = 64
+# int8 vs the fp32 PyTorch model on the calibration images: scores (0-1) and boxes (relative to their pixel value)
+# move by at most these on average (measured: 7e-4 and 3e-3 for ONNX, 7e-4 and 2.5e-3 for OpenVINO) - and by
+# something: the largest difference exceeds what an unquantized file shows (~1e-6; measured int8: 0.015).
+MEAN_SCORE_TOLERANCE = 0.005
+MEAN_BOX_TOLERANCE = 0.02
+QUANTIZED_AT_LEAST = 1e-3
+
+
+@pytest.fixture(scope="module")
+def model() -> DetectionModel:
+    """YOLOv5's blocks at 1/8 width with weights that keep activations at unit scale through the layers (PyTorch's
+    default init shrinks them towards zero, where int8 and fp32 agree trivially), and raised objectness."""
+    torch.manual_seed(0)
+    model = DetectionModel(yolov5_blocks_yaml())
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d) and module not in model.detect.m:
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        for conv in model.detect.m:
+            conv.bias.view(model.detect.na, -1)[:, 4] += 3.0
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(model: DetectionModel, tiny: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    project = tmp_path_factory.mktemp("int8")
+    options = {"imgsz": IMGSZ, "int8": True, "data": tiny["data"], "project": str(project)}
+    return export(model, include=("onnx", "openvino"), **options)
+
+
+@pytest.fixture(scope="module")
+def images(tiny: dict) -> torch.Tensor:
+    """The tiny dataset's validation images (the calibration images), letterboxed as val.py and export do."""
+    batch = []
+    for image in validation_images(tiny["data"], 4):
+        boxed, _ = letterbox(image, (IMGSZ, IMGSZ), stride=32, auto=False)
+        batch.append(boxed[..., ::-1].transpose(2, 0, 1).astype(np.float32) / 255)
+    return torch.from_numpy(np.stack(batch))
+
+
+def _assert_int8_close(got: np.ndarray, expected: torch.Tensor) -> None:
+    difference = (torch.from_numpy(np.asarray(got, np.float32)) - expected).abs()
+    score_error = float(difference[..., 4:].mean())
+    box_error = float((difference[..., :4] / expected[..., :4].abs().clamp(min=1)).mean())
+    assert score_error < MEAN_SCORE_TOLERANCE and box_error < MEAN_BOX_TOLERANCE, (score_error, box_error)
+    assert float(difference.max()) > QUANTIZED_AT_LEAST  # the file computes in int8, not in float
+
+
+def _decode_and_head(inputs_of: dict[str, list[str]], output: str, convolutions: set[str]) -> tuple[set, set]:
+    """Walking back from ``output`` to the first convolutions: the nodes passed (the decode) and the convolutions
+    reached (the Detect head's)."""
+    decode, head, stack = {output}, set(), [output]
+    while stack:
+        for producer in inputs_of[stack.pop()]:
+            if producer in convolutions:
+                head.add(producer)
+            elif producer not in decode:
+                decode.add(producer)
+                stack.append(producer)
+    return decode, head
+
+
+def _reads_quantized(node: str, inputs_of: dict[str, list[str]], kinds: dict[str, str]) -> bool:
+    """Whether ``node`` is a FakeQuantize, or a Concat/MaxPool (which keep int8 values int8) of such nodes."""
+    if kinds[node] in ("Concat", "MaxPool"):
+        return all(_reads_quantized(n, inputs_of, kinds) for n in inputs_of[node])
+    return kinds[node] == "FakeQuantize"
+
+
+def test_onnx_int8_quantizes_the_convolutions_keeps_the_decode_float_and_matches_pytorch(
+    exported: dict[str, Path], model: DetectionModel, images: torch.Tensor
+) -> None:
+    path = exported["onnx"]
+    assert read_metadata(path)["int8"] is True
+    graph = onnx.load(str(path)).graph
+    producers = {output: node for node in graph.node for output in node.output}
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    convolutions = {node.name: node for node in graph.node if node.op_type == "Conv"}
+    assert len(convolutions) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    inputs_of = {node.name: [producers[i].name for i in node.input if i in producers] for node in graph.node}
+    decode, head = _decode_and_head(inputs_of, producers[graph.output[0].name].name, set(convolutions))
+    assert len(head) == model.detect.nl
+    for name in set(convolutions) - head:  # int8 weights and a uint8 input: ONNX Runtime's integer convolution
+        activation, weight = (producers[i] for i in convolutions[name].input[:2])
+        assert activation.op_type == weight.op_type == "DequantizeLinear", name
+        assert initializers[weight.input[0]].data_type == onnx.TensorProto.INT8, name
+        assert producers[activation.input[0]].op_type == "QuantizeLinear", name
+    for name in head:  # float32 weights, so the logits are never rounded to 256 levels ...
+        assert initializers[convolutions[name].input[1]].data_type == onnx.TensorProto.FLOAT, name
+    # ... and every node from the Detect convolutions to output0 computes in float
+    kinds = {node.name: node.op_type for node in graph.node}
+    assert {"Sigmoid", "Mul", "Add", "Concat"} <= {kinds[name] for name in decode}
+    assert not [name for name in decode if kinds[name] in ("QuantizeLinear", "DequantizeLinear")]
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(images)
+    _assert_int8_close(
+        np.concatenate([session.run(None, {"images": image[None].numpy()})[0] for image in images]), expected
+    )
+
+
+def test_openvino_int8_quantizes_the_convolutions_keeps_the_decode_float_and_matches_pytorch(
+    exported: dict[str, Path], model: DetectionModel, images: torch.Tensor
+) -> None:
+    import openvino
+
+    assert read_metadata(exported["openvino"])["int8"] is True
+    core = openvino.Core()
+    ov_model = core.read_model(str(next(exported["openvino"].glob("*.xml"))))
+    ops = ov_model.get_ordered_ops()
+    inputs_of = {
+        op.get_friendly_name(): [op.input_value(i).get_node().get_friendly_name() for i in range(op.get_input_size())]
+        for op in ops
+    }
+    kinds = {op.get_friendly_name(): op.get_type_name() for op in ops}
+    int8_constants = {
+        op.get_friendly_name()
+        for op in ops
+        if kinds[op.get_friendly_name()] == "Constant" and op.get_element_type() == openvino.Type.i8
+    }
+    convolutions = {n for n, kind in kinds.items() if kind == "Convolution"}
+    for conv in convolutions:  # NNCF: a quantized activation ...
+        activation, weight = inputs_of[conv]
+        assert _reads_quantized(activation, inputs_of, kinds), conv
+        # ... and int8 weights: an i8 constant, dequantized
+        assert _decode_and_head(inputs_of, weight, set())[0] & int8_constants, conv
+    result = next(n for n, kind in kinds.items() if kind == "Result")
+    decode, head = _decode_and_head(inputs_of, result, convolutions)
+    assert len(head) == model.detect.nl  # OpenVINO computes them in int8 and gives their output in float
+    assert {"Sigmoid", "Multiply", "Add", "Concat"} <= {kinds[n] for n in decode}
+    assert not [n for n in decode if kinds[n] == "FakeQuantize"]
+
+    compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    with torch.no_grad():
+        expected = model(images)
+    _assert_int8_close(np.concatenate([compiled(image[None].numpy())[0] for image in images]), expected)
+
+
+def test_openvino_in_half_precision_computes_in_bf16_where_the_cpu_has_it(
+    model: DetectionModel, images: torch.Tensor, tmp_path: Path
+) -> None:
+    """The OpenVINO backend loaded in half precision compiles with the bf16 hint on a CPU with native bfloat16
+    (f32 elsewhere): its predictions then differ from the f32 run, by bf16's rounding (8-bit mantissa) only."""
+    from detector.export import OpenVINOFormat
+    from detector.utils.torch_utils import cpu_has_native_bf16
+
+    folder = export(model, include=("openvino",), imgsz=IMGSZ, project=str(tmp_path))["openvino"]
+    full, half = (OpenVINOFormat().load(folder, torch.device("cpu"), half=h) for h in (False, True))
+    assert full.inference_precision == "f32"
+    assert half.inference_precision == ("bf16" if cpu_has_native_bf16() else "f32")
+    with torch.no_grad():
+        expected = model(images)
+    got = torch.cat([half(image[None]) for image in images])
+    difference = (got - expected).abs()
+    assert float(difference[..., 4:].mean()) < MEAN_SCORE_TOLERANCE
+    assert float((difference[..., :4] / expected[..., :4].abs().clamp(min=1)).mean()) < MEAN_BOX_TOLERANCE
+    if cpu_has_native_bf16():
+        assert float(difference.max()) > QUANTIZED_AT_LEAST  # really computed in bf16
+
+
+def test_onnx_int8_below_opset_13_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from detector.config import ExportConfig
+    from detector.errors import ConfigError
+    from detector.export import Exporter
+
+    with pytest.raises(ConfigError, match=r"--opset: --int8 ONNX needs 13 or newer .*got 11"):
+        Exporter(ExportConfig(include=("onnx",), int8=True, opset=11, project=str(tmp_path)))
+    assert not list(tmp_path.iterdir())
