@@ -157,7 +157,7 @@ class TrainConfig:
     save_period: int = -1  # also save a checkpoint every N epochs (-1 = never)
     seed: int = 0  # global random seed
     deterministic: bool = False  # deterministic algorithms (slower), for bit-exact repeatable runs
-    amp: Literal["auto", "fp16", "bf16", "off"] = "auto"  # auto = fp16 on CUDA if the AMP check passes, off on CPU
+    amp: Literal["auto", "fp16", "bf16", "off"] = "auto"  # auto: fp16 on CUDA, bf16 on CPUs with native bf16
     channels_last: Literal["auto", "on", "off"] = "auto"  # NHWC memory format for model and batches; auto = on CPU only
     compile: bool = False  # torch.compile the training model (eager, with a one-line warning, where it cannot)
     grad_checkpoint: bool = False  # activation checkpointing: recompute backbone/neck activations in backward
@@ -165,6 +165,7 @@ class TrainConfig:
     auto_augment: str = ""  # automatic augmentation policy: trivial, randaugment[-nN-mM], detection-v0; "" = none
     repeat_aug: int = 1  # repeated augmentation: each drawn image appears this many times per batch, augmented anew
     close_mosaic: int = 0  # the last N epochs without mosaic/mixing augmentations, at the test resolution (FixRes)
+    augment_on_device: bool = False  # HSV colour and flips on the training device (batch-wise), not in the workers
     time: float = 0.0  # wall-clock budget in minutes: > 0 fits the number of epochs to it (--epochs is then a cap)
     logger: tuple[str, ...] = ("tensorboard",)  # experiment trackers: tensorboard, mlflow, wandb (console, CSV: always)
     train_tile: int = 0  # > 0: train on random tiles of this many px cut from full-resolution images; 0 = whole images
@@ -230,7 +231,7 @@ class ValConfig:
     project: str = "runs/val"
     name: str = "exp"
     exist_ok: bool = False
-    half: bool = False  # FP16 inference (CUDA only)
+    half: bool = False  # FP16 on CUDA; bf16 (.pt, OpenVINO) on CPUs with native bf16
     tile: int = 0  # > 0: predict each whole image in overlapping tiles of this many px (small objects); 0 = off
     tile_overlap: float = 0.2  # overlap of neighbouring tiles, as a fraction of the tile, in [0, 1)
     tile_full: bool = False  # with tiles: also predict on the whole downscaled image (objects larger than a tile)
@@ -265,7 +266,7 @@ class DetectConfig:
     line_thickness: int = 3
     hide_labels: bool = False
     hide_conf: bool = False
-    half: bool = False
+    half: bool = False  # FP16 on CUDA; bf16 (.pt, OpenVINO) on CPUs with native bf16
     vid_stride: int = 1
     tile: int = 0  # > 0: predict each whole image in overlapping tiles of this many px (small objects); 0 = off
     tile_overlap: float = 0.2  # overlap of neighbouring tiles, as a fraction of the tile, in [0, 1)
@@ -296,7 +297,7 @@ class ExportConfig:
     conf_thres: float = 0.25
     include: tuple[str, ...] = ("torchscript", "onnx")
     optimize: bool = False  # TorchScript: optimise for mobile (CPU only, needs a PyTorch build with XNNPACK)
-    int8: bool = False  # OpenVINO: int8 post-training quantization with NNCF (calibrated on --data's val images)
+    int8: bool = False  # ONNX (ONNX Runtime) / OpenVINO (NNCF): int8 trunk, decode in float; calibrated on --data
     data: str = ""  # dataset YAML: val images for the export checks and --int8 calibration ("" = synthetic/built-in)
     inplace: bool = False  # accepted for YOLOv5 compatibility; no effect (the export head never writes in place)
     project: str = "runs/export"
@@ -674,6 +675,11 @@ def check_train_config(config: TrainConfig) -> None:
         raise ConfigError(f"--train-tile: expected a tile size in pixels (0 = whole images), got {config.train_tile}")
     if config.train_tile and config.rect:
         raise ConfigError("--train-tile cuts square tiles; it cannot be combined with --rect (whole-image shapes)")
+    if config.augment_on_device and config.quad:
+        raise ConfigError(
+            "--augment-on-device recolours and flips each batch after collation, where --quad has already merged 4 "
+            "images into one (they would share one colour jitter and flip); use one of the two"
+        )
     _check_teacher_options(config)
     _check_pseudo_options(config)
 

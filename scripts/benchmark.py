@@ -25,9 +25,21 @@ What the timed callable returns decides the figure:
 - a ``dict[str, float]``: several figures, one row each, named ``name:key``; ``units={"key": "unit"}`` gives
   each its unit (default ``unit``).
 
+Side by side with YOLOv5 (``--compare-yolov5 PATH``, PATH a YOLOv5 checkout or pip package folder, run with
+``--yolov5-python EXE``, the interpreter of the scratch environment that has it): the rows of README.md's
+performance table (training epoch, loader, PyTorch forward, val.py, detect.py, ONNX Runtime; ``--list`` names them,
+``--compare-rows PATTERN`` picks some) run on the same inputs on both sides, each measurement in a fresh process
+per side, alternating ours and YOLOv5's (A B A B ..., ``--warmup`` untimed rounds, then ``--repeats``). YOLOv5's
+side is scripts/yolov5_side.py (YOLOv5's interpreter, never our package), ours scripts/detector_side.py or the entry
+scripts. The table gives each side's median [min-max] and the ratio of medians, ours / YOLOv5::
+
+    python scripts/benchmark.py --compare-yolov5 ../yolov5 --yolov5-python ../y5env/bin/python --repeats 3
+    python scripts/benchmark.py --compare-yolov5 ../yolov5 --compare-rows 'model/*' val --repeats 5
+
 Keep set-up functions free of work at import time (import torch and build models inside them): this module is
-imported by nothing else, and pytest never collects it (``testpaths = ["tests"]``). Timings on a shared machine
-are noisy: compare runs from one session, and quote the command shown in each row.
+imported by nothing else but its test of the comparison logic (tests/unit/test_benchmark_compare.py), and pytest
+never collects it (``testpaths = ["tests"]``). Timings on a shared machine are noisy: compare runs from one
+session, and quote the command shown in each row.
 """
 
 from __future__ import annotations
@@ -38,7 +50,9 @@ import gc
 import json
 import os
 import platform
+import re
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -210,17 +224,539 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Side by side with YOLOv5 (--compare-yolov5 PATH): every measurement is a fresh process, ours and YOLOv5's in turn
+# (A B A B ...), so both sides pay the same start-up costs and share the machine's drifts alike. YOLOv5 runs from
+# its own interpreter (--yolov5-python) through scripts/yolov5_side.py; ours through scripts/detector_side.py or
+# the entry scripts themselves. Neither side imports the other.
+
+SIDES = ("ours", "yolov5")
+SIDE_LABELS = {"ours": "ours", "yolov5": "YOLOv5"}
+SIDE_RESULT = re.compile(r"BENCHMARK-RESULT (\{.*\})")  # the line the side scripts print
+COMPARE_TRAIN_IMAGES, COMPARE_VAL_IMAGES = 800, 200  # the built-in generator's shapes, like REFERENCE.md's set
+COMPARE_DETECT_IMAGES = 20
+YOLOV5_FILES = ("models/yolo.py", "utils/dataloaders.py", "train.py", "val.py", "detect.py")
+
+
+@dataclass(frozen=True)
+class Yolov5Install:
+    """A YOLOv5 checkout, or the folder of an installed pip ``yolov5`` package (``is_package``)."""
+
+    root: Path
+    is_package: bool
+
+
+def find_yolov5(path: str | Path) -> Yolov5Install:
+    """``path`` as a YOLOv5 install; a one-line ConfigError naming --compare-yolov5 when it is not one."""
+    from detector.errors import ConfigError
+
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"--compare-yolov5 {path}: no such folder (a YOLOv5 checkout or pip package folder)")
+    missing = [name for name in YOLOV5_FILES if not (root / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"--compare-yolov5 {path}: not a YOLOv5 checkout or pip package folder (missing {', '.join(missing)})"
+        )
+    return Yolov5Install(root.resolve(), (root / "__init__.py").is_file())
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One reported figure of a comparison row, read from the side's result line or measured from outside."""
+
+    name: str
+    unit: str
+    source: str  # a key of the BENCHMARK-RESULT line, or "wall", "cpu", "peak_rss" (the process, from outside)
+    higher_is_better: bool = False
+
+
+WALL = Figure("whole command", "s", "wall")
+CPU = Figure("CPU time (all processes)", "s", "cpu")
+PEAK_RSS = Figure("peak RSS (largest process)", "MiB", "peak_rss")
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    """One hot path measured on both sides: each side's command line (``{run}`` becomes a run's unique name)."""
+
+    key: str  # group/name, matched by --compare-rows
+    description: str
+    commands: dict[str, list[str]]  # side -> argv, interpreter first
+    figures: tuple[Figure, ...]
+
+
+@dataclass(frozen=True)
+class CompareSetup:
+    """Everything both sides share: interpreters, inputs (made by prepare_inputs) and the scratch folder."""
+
+    yolov5: Yolov5Install
+    yolov5_python: str
+    scratch: Path
+    dataset: Path  # the built-in generator's 800 train / 200 val images
+    weights: Path  # a YOLOv5 release .pt (80 classes); both sides load it
+    threads: int = 0
+    ours_python: str = sys.executable
+
+    @property
+    def data_yaml(self) -> Path:  # the data set's 8 class names, absolute path (YOLOv5 resolves relative ones)
+        return self.scratch / "shapes-800-200.yaml"
+
+    @property
+    def data_yaml_80(self) -> Path:  # the same images under 80 names, to validate the 80-class weights
+        return self.scratch / "shapes-800-200-80names.yaml"
+
+    @property
+    def detect_images(self) -> Path:
+        return self.scratch / "detect-images"
+
+    def side_command(self, side: str, *args: str) -> list[str]:
+        """The side script of ``side`` with ``args``, run by that side's interpreter."""
+        if side == "ours":
+            return [self.ours_python, str(REPO_ROOT / "scripts" / "detector_side.py"), *args]
+        return [
+            self.yolov5_python,
+            str(REPO_ROOT / "scripts" / "yolov5_side.py"),
+            "--yolov5",
+            str(self.yolov5.root),
+            *args,
+        ]
+
+    def entry_command(self, side: str, script: str, *flags: str) -> list[str]:
+        """``python {script}.py FLAGS``: our entry script, or YOLOv5's run as its command line runs it."""
+        if side == "ours":
+            return [self.ours_python, str(REPO_ROOT / f"{script}.py"), *flags]
+        return self.side_command(side, "script", script, "--", *flags)
+
+
+def comparison_rows(setup: CompareSetup) -> list[ComparisonRow]:
+    """The rows of the README's performance table, in its order (the same inputs and flags on both sides)."""
+    runs, weights = setup.scratch / "runs", ["--weights", str(setup.weights)]
+    threads = ["--threads", str(setup.threads)] if setup.threads else []
+
+    def side_tasks(task: str, *flags: str, out: str) -> dict[str, list[str]]:
+        """The side scripts' ``task`` with ``flags``; ``out``: a folder name (per side) for its files."""
+        return {side: setup.side_command(side, task, *flags, f"{runs / f'{side}-{out}'}") for side in SIDES}
+
+    def entry_commands(script: str, *flags: str) -> dict[str, list[str]]:
+        return {
+            side: setup.entry_command(side, script, *flags, "--project", str(runs / f"{side}-{script}"))
+            for side in SIDES
+        }
+
+    train_flags = (
+        *("--data", str(setup.data_yaml), "--cfg", "yolov5n.yaml", "--weights", "", "--img", "320"),
+        *("--batch-size", "16", "--workers", "2", "--epochs", "1", "--noval", "--noplots", "--noautoanchor"),
+        *("--device", "cpu", "--name", "{run}", "--exist-ok", "--project"),
+    )
+    rows = [
+        ComparisonRow(
+            "train/epoch-yolov5n-320-b16-w2",
+            "train.py, one epoch of the 800 images from scratch (yolov5n.yaml), --img 320, batch 16, 2 workers, "
+            "--noval: its training part (first step's start to last step's end) and the whole command",
+            side_tasks("train", "--", *train_flags, out="train"),
+            (Figure("training part", "s", "train_s"), Figure("training", "img/s", "img/s", True), WALL, CPU, PEAK_RSS),
+        )
+    ]
+    for imgsz in (320, 640):
+        for workers in (0, 2):
+            images = str(setup.dataset / "images" / "train")
+            flags = ("--images", images, "--img", str(imgsz), "--workers", str(workers), "--batches", "20")
+            commands = {
+                "ours": setup.side_command("ours", "loader", *flags, "--classes", "8"),
+                "yolov5": setup.side_command("yolov5", "loader", *flags),
+            }
+            description = f"training loader (mosaic, hyp.scratch-low), batch 16, --img {imgsz}, {workers} workers"
+            loader = Figure("loader", "img/s", "img/s", higher_is_better=True)
+            rows.append(ComparisonRow(f"data/loader-mosaic-{imgsz}-w{workers}", description, commands, (loader,)))
+    for name, source, imgsz, batch, iters in (
+        ("yolov5n-b1-640", weights, 640, 1, 20),
+        ("yolov5n-b1-320", weights, 320, 1, 40),
+        ("yolov5s-b1-640", ["--cfg", "yolov5s.yaml"], 640, 1, 10),
+        ("yolov5n-b8-320", weights, 320, 8, 8),
+    ):
+        flags = (*source, "--img", str(imgsz), "--batch", str(batch), "--iters", str(iters), *threads, "--out")
+        description = (
+            f"PyTorch forward, fused fp32, batch {batch} at {imgsz}: our load_backend vs YOLOv5's "
+            f"DetectMultiBackend, median of {iters} calls per process"
+        )
+        forward = Figure("forward", "ms/img", "ms/img")
+        rows.append(
+            ComparisonRow(f"model/forward-{name}", description, side_tasks("forward", *flags, out="model"), (forward,))
+        )
+    val_flags = (
+        *("--data", str(setup.data_yaml_80), *weights, "--img", "320", "--conf-thres", "0.001", "--iou-thres"),
+        *("0.6", "--batch-size", "32", "--workers", "2", "--device", "cpu", "--name", "{run}"),
+    )
+    rows.append(
+        ComparisonRow(
+            "val/val.py-200-320",
+            "val.py on the 200 val images at 320, conf 0.001, batch 32, 2 workers, same weights: the whole command",
+            entry_commands("val", *val_flags),
+            (WALL, CPU, PEAK_RSS),
+        )
+    )
+    detect_flags = (
+        *("--source", str(setup.detect_images), *weights, "--img", "320", "--conf-thres", "0.25", "--iou-thres"),
+        *("0.45", "--device", "cpu", "--name", "{run}"),
+    )
+    rows.append(
+        ComparisonRow(
+            f"detect/detect.py-{COMPARE_DETECT_IMAGES}-320",
+            f"detect.py on {COMPARE_DETECT_IMAGES} images at 320 (annotated images saved): the whole command",
+            entry_commands("detect", *detect_flags),
+            (WALL, CPU),
+        )
+    )
+    onnx_flags = (*weights, "--img", "320", "--iters", "50", "--warmup-iters", "10", *threads, "--out")
+    rows.append(
+        ComparisonRow(
+            "export/onnxruntime-yolov5n-320-b1",
+            "ONNX Runtime (CPU) batch 1 at 320 on each side's own export.py file of the same weights, median of 50",
+            side_tasks("onnx", *onnx_flags, out="onnx"),
+            (Figure("ONNX Runtime", "ms", "ms"),),
+        )
+    )
+    return rows
+
+
+def select_comparison_rows(rows: Sequence[ComparisonRow], patterns: Sequence[str] | None) -> list[ComparisonRow]:
+    """Rows whose key matches any shell pattern (or equals its group); all without patterns. Unknown ones raise."""
+    from detector.errors import ConfigError
+
+    if not patterns:
+        return list(rows)
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(row.key, pattern) or row.key.split("/")[0] == pattern for row in rows):
+            keys = ", ".join(row.key for row in rows)
+            raise ConfigError(f"--compare-rows {pattern!r}: matches no row; rows: {keys}")
+    return [r for r in rows if any(fnmatch.fnmatchcase(r.key, p) or r.key.split("/")[0] == p for p in patterns)]
+
+
+def interleaved_schedule(warmup: int, repeats: int, sides: Sequence[str] = SIDES) -> list[tuple[int, str, bool]]:
+    """The run order ``(round, side, timed)``: every round runs each side once, always in the same order
+    (A B A B ...); the first ``warmup`` rounds are not timed."""
+    return [(round_index, side, round_index >= warmup) for round_index in range(warmup + repeats) for side in sides]
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median, min and max of one side's figures."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        if not values:
+            return cls(float("nan"), float("nan"), float("nan"))
+        return cls(statistics.median(values), min(values), max(values))
+
+    def __str__(self) -> str:
+        return f"{_fmt(self.median)} [{_fmt(self.low)}-{_fmt(self.high)}]"
+
+
+def ratio_of_medians(ours: Sequence[float], theirs: Sequence[float]) -> float:
+    """ours' median / YOLOv5's median (NaN when either is missing or YOLOv5's is 0)."""
+    ours_median, theirs_median = Spread.of(ours).median, Spread.of(theirs).median
+    if theirs_median != theirs_median or ours_median != ours_median or theirs_median == 0:
+        return float("nan")
+    return ours_median / theirs_median
+
+
+@dataclass
+class Measurement:
+    """One side's process: wall and CPU seconds and peak RSS from outside, figures from its result line."""
+
+    wall: float
+    cpu: float
+    peak_rss: float  # MiB, the largest single process of the tree (ru_maxrss of the child and its waited children)
+    result: dict[str, float]
+    returncode: int
+    log: Path
+
+    def figure(self, source: str) -> float:
+        if source in ("wall", "cpu", "peak_rss"):
+            return getattr(self, source)
+        if source not in self.result:
+            raise KeyError(f"printed no {source!r} in its BENCHMARK-RESULT line (got {sorted(self.result)})")
+        return float(self.result[source])
+
+
+def measure_process(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log: Path, timeout: float) -> Measurement:
+    """Run ``argv`` to its end with its output in ``log``; killed with its process group after ``timeout`` s."""
+    import signal
+    import subprocess
+    import threading
+
+    with open(log, "w") as output:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            argv, stdout=output, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True
+        )
+        timer = threading.Timer(timeout, os.killpg, (process.pid, signal.SIGKILL))
+        timer.start()
+        try:
+            _, status, usage = os.wait4(process.pid, 0)  # rusage of this child (and its waited-for children)
+        except BaseException:  # Ctrl-C: the child runs in its own session and would not see it
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped above: tell Popen
+    matches = SIDE_RESULT.findall(log.read_text(errors="replace"))
+    result = json.loads(matches[-1]) if matches else {}
+    return Measurement(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, result, process.returncode, log)
+
+
+@dataclass
+class ComparedRow:
+    """A row's figures on both sides (timed rounds only), or the error that stopped it."""
+
+    row: ComparisonRow
+    values: dict[str, dict[str, list[float]]]  # figure name -> side -> values
+    error: str = ""
+
+
+def run_comparison(
+    rows: Sequence[ComparisonRow],
+    env: dict[str, dict[str, str]],
+    cwd: dict[str, Path],
+    scratch: Path,
+    *,
+    warmup: int,
+    repeats: int,
+    timeout: float,
+) -> list[ComparedRow]:
+    """Each row in turn, its processes in :func:`interleaved_schedule` order; a failing process ends its row."""
+    compared = []
+    (scratch / "logs").mkdir(parents=True, exist_ok=True)
+    for number, row in enumerate(rows, 1):
+        result = ComparedRow(row, {f.name: {side: [] for side in SIDES} for f in row.figures})
+        for round_index, side, timed in interleaved_schedule(warmup, repeats):
+            run = f"{side}-{round_index}"
+            argv = [arg.replace("{run}", run) for arg in row.commands[side]]
+            log = scratch / "logs" / f"{row.key.replace('/', '-')}-{run}.log"
+            measurement = measure_process(argv, env=env[side], cwd=cwd[side], log=log, timeout=timeout)
+            try:
+                if measurement.returncode != 0:
+                    killed = " (killed after --compare-timeout)" if measurement.returncode == -9 else ""
+                    raise ValueError(f"exited with {measurement.returncode}{killed}: {_last_line(log)}")
+                figures = {f.name: measurement.figure(f.source) for f in row.figures}
+            except (KeyError, ValueError) as e:
+                result.error = f"{SIDE_LABELS[side]} {e.args[0]} (log: {log})"
+                break
+            shown = ", ".join(f"{f.name} {_fmt(figures[f.name])} {f.unit}" for f in row.figures)
+            what = "" if timed else " (warm-up)"
+            print(
+                f"[{number}/{len(rows)}] {row.key} {SIDE_LABELS[side]} round {round_index}{what}: {shown}",
+                file=sys.stderr,
+                flush=True,
+            )
+            if timed:
+                for name, value in figures.items():
+                    result.values[name][side].append(value)
+        compared.append(result)
+    return compared
+
+
+def _last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").replace("\r", "\n").splitlines()]
+    return next((line for line in reversed(lines) if line), "(no output)")
+
+
+def comparison_table(compared: Sequence[ComparedRow]) -> str:
+    """Markdown: per row and figure, each side's median [min-max] and the ratio of medians (ours / YOLOv5)."""
+    lines = [
+        "| row | figure | ours: median [min-max] | YOLOv5: median [min-max] | ours / YOLOv5 |",
+        "|---|---|---|---|---|",
+    ]
+    for item in compared:
+        if item.error:
+            lines.append(f"| {item.row.key} | error: {item.error} | | | |")
+            continue
+        for figure in item.row.figures:
+            ours, theirs = item.values[figure.name]["ours"], item.values[figure.name]["yolov5"]
+            better = "higher is better" if figure.higher_is_better else "lower is better"
+            lines.append(
+                f"| {item.row.key} | {figure.name} ({figure.unit}) | {Spread.of(ours)} | "
+                f"{Spread.of(theirs)} | {ratio_of_medians(ours, theirs):.2f}x ({better}) |"
+            )
+    return "\n".join(lines)
+
+
+def yolov5_environment(scratch: Path) -> dict[str, str]:
+    """YOLOv5's processes offline: its font where its checks look, no pip auto-install; torch may unpickle its
+    release checkpoints (YOLOv5's torch.load predates weights_only=True, torch's default since 2.6)."""
+    config = scratch / "yolov5-config"
+    config.mkdir(parents=True, exist_ok=True)
+    font = _a_truetype_font()
+    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+        if font is not None and not (config / name).exists():
+            shutil.copyfile(font, config / name)
+    return {
+        **os.environ,
+        "YOLOV5_CONFIG_DIR": str(config),
+        "YOLO_CONFIG_DIR": str(config),
+        "YOLO_OFFLINE": "1",
+        "YOLOv5_AUTOINSTALL": "false",
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
+    }
+
+
+def _a_truetype_font() -> Path | None:
+    """A TrueType font that is surely there: matplotlib's DejaVu Sans (a dependency), else a system one."""
+    try:
+        import matplotlib
+
+        candidates = [Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"]
+    except ImportError:
+        candidates = []
+    candidates += sorted(Path("/usr/share/fonts").glob("**/*.ttf"))
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def prepare_inputs(setup: CompareSetup, env: dict[str, dict[str, str]], timeout: float) -> None:
+    """The data set (generated once into the cache), the YAMLs both sides read, the detect images, and each
+    side's label caches (built now, so no timed run scans)."""
+    from detector.data.builtin import BUILTIN_CLASSES, ensure_builtin_dataset
+
+    ensure_builtin_dataset(setup.dataset, num_train=COMPARE_TRAIN_IMAGES, num_val=COMPARE_VAL_IMAGES)
+    names = list(BUILTIN_CLASSES)
+    for path, listed in ((setup.data_yaml, names), (setup.data_yaml_80, names + [f"class{i}" for i in range(8, 80)])):
+        text = json.dumps({"path": str(setup.dataset), "train": "images/train", "val": "images/val", "names": listed})
+        path.write_text(text + "\n")  # JSON is YAML
+    setup.detect_images.mkdir(exist_ok=True)
+    for image in sorted((setup.dataset / "images" / "val").glob("*.jpg"))[:COMPARE_DETECT_IMAGES]:
+        shutil.copyfile(image, setup.detect_images / image.name)
+    folders = [str(setup.dataset / "images" / split) for split in ("train", "val")]
+    cwd = {"ours": REPO_ROOT, "yolov5": setup.scratch}
+    for side in SIDES:
+        extra = ["--classes", str(len(names))] if side == "ours" else []
+        log = setup.scratch / f"prepare-{side}.log"
+        argv = setup.side_command(side, "cache", "--images", *folders, *extra)
+        if measure_process(argv, env=env[side], cwd=cwd[side], log=log, timeout=timeout).returncode != 0:
+            from detector.errors import ConfigError
+
+            python = "--yolov5-python" if side == "yolov5" else "our interpreter"
+            raise ConfigError(f"{python}: building the label caches failed: {_last_line(log)} (log: {log})")
+
+
+def compare_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces a comparison (the README quotes it)."""
+    parts = ["python", "scripts/benchmark.py", "--compare-yolov5", str(args.compare_yolov5)]
+    if args.yolov5_python != sys.executable:
+        parts += ["--yolov5-python", args.yolov5_python]
+    if args.compare_weights != _shared_folder() / "weights" / "yolov5n.pt":
+        parts += ["--compare-weights", str(args.compare_weights)]
+    if args.compare_rows:
+        parts += ["--compare-rows", *args.compare_rows]
+    parts += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    return shlex.join(parts)
+
+
+def _compare_setup(args: argparse.Namespace, scratch: Path) -> CompareSetup:
+    from detector.data.builtin import builtin_dataset_dir
+
+    yolov5 = find_yolov5(args.compare_yolov5)
+    dataset = builtin_dataset_dir(COMPARE_TRAIN_IMAGES, COMPARE_VAL_IMAGES)
+    return CompareSetup(yolov5, args.yolov5_python, scratch, dataset, args.compare_weights, args.threads)
+
+
+def list_comparison_rows(args: argparse.Namespace) -> int:
+    rows = select_comparison_rows(comparison_rows(_compare_setup(args, Path("SCRATCH"))), args.compare_rows)
+    for row in rows:
+        print(f"{row.key:40s} {row.description}")
+    return 0
+
+
+def compare_main(args: argparse.Namespace) -> int:
+    """--compare-yolov5: check the flags, prepare the inputs, run the selected rows interleaved, print the table."""
+    from detector.errors import ConfigError
+
+    setup = _compare_setup(args, Path("SCRATCH"))
+    rows = select_comparison_rows(comparison_rows(setup), args.compare_rows)  # a bad pattern fails here, early
+    if shutil.which(args.yolov5_python) is None:
+        raise ConfigError(f"--yolov5-python {args.yolov5_python}: not an executable")
+    if not args.compare_weights.is_file():
+        raise ConfigError(f"--compare-weights {args.compare_weights}: not found (a YOLOv5 .pt, e.g. yolov5n.pt)")
+    scratch = Path(tempfile.mkdtemp(prefix="compare-yolov5-"))
+    setup = _compare_setup(args, scratch)
+    keys = {row.key for row in rows}
+    rows = [row for row in comparison_rows(setup) if row.key in keys]
+    env = {"ours": dict(os.environ), "yolov5": yolov5_environment(scratch)}
+    started, load_before = time.perf_counter(), _load_average()
+    print(f"preparing inputs in {scratch} ...", file=sys.stderr, flush=True)
+    prepare_inputs(setup, env, args.compare_timeout)
+    cwd = {"ours": REPO_ROOT, "yolov5": scratch}
+    compared = run_comparison(
+        rows, env, cwd, scratch, warmup=args.warmup, repeats=args.repeats, timeout=args.compare_timeout
+    )
+    minutes = (time.perf_counter() - started) / 60
+    kind = "pip package" if setup.yolov5.is_package else "checkout"
+    print(f"Command: `{compare_command(args)}`\n")
+    print(comparison_table(compared))
+    print(
+        f"\n{_cpu_name()}, {os.cpu_count()} CPUs; load average {load_before} before, {_load_average()} after; "
+        f"{minutes:.1f} min in all. YOLOv5: {setup.yolov5.root} ({kind})."
+    )
+    if args.json:
+        payload = {
+            "environment": environment(args.threads),
+            "command": compare_command(args),
+            "minutes": minutes,
+            "rows": [
+                {"key": item.row.key, "description": item.row.description, "error": item.error, "figures": item.values}
+                for item in compared
+            ],
+        }
+        args.json.write_text(json.dumps(payload, indent=2))
+    failed = any(item.error for item in compared)
+    if failed:
+        print(f"logs kept in {scratch / 'logs'}", file=sys.stderr)
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 1 if failed else 0
+
+
+def _load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", metavar="GROUP/NAME", help="benchmarks to run (shell patterns allowed)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per benchmark")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
+    parser.add_argument("--repeats", type=int, help="timed calls per benchmark (default 5; comparison rounds: 3)")
+    parser.add_argument("--warmup", type=int, help="untimed calls before the timed ones (default 1; comparison: 0)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results and environment as JSON")
-    parser.add_argument("--list", action="store_true", help="list the registered benchmarks and exit")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks (or comparison rows) and exit")
+    compare = parser.add_argument_group("side by side with YOLOv5: a fresh process per side and round, A B A B ...")
+    add = compare.add_argument
+    add("--compare-yolov5", metavar="PATH", help="a YOLOv5 checkout or pip package folder: run the comparison rows")
+    add("--yolov5-python", metavar="EXE", default=sys.executable, help="YOLOv5's interpreter (default: this one)")
+    add("--compare-rows", nargs="+", metavar="PATTERN", help="rows to compare (shell patterns or groups; default all)")
+    add("--compare-weights", type=Path, metavar="PT", default=_shared_folder() / "weights" / "yolov5n.pt",
+        help="a YOLOv5 .pt that both sides load (default ../shared/weights/yolov5n.pt)")  # fmt: skip
+    add("--compare-timeout", type=float, default=1800, metavar="S", help="kill a side's process after S seconds")
     args = parser.parse_args(argv)
+    comparing = args.compare_yolov5 is not None
+    args.repeats = args.repeats if args.repeats is not None else (3 if comparing else 5)
+    args.warmup = args.warmup if args.warmup is not None else (0 if comparing else 1)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if comparing:
+        from detector.errors import DetectorError
+
+        try:
+            return list_comparison_rows(args) if args.list else compare_main(args)
+        except DetectorError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.list:
         for entry in REGISTRY.values():
             print(f"{entry.key:40s} [{entry.unit}] {entry.description.splitlines()[0] if entry.description else ''}")
@@ -675,6 +1211,13 @@ def train_320_w2_grad_checkpoint() -> Callable[[], Any]:
     return _train_setup(320, workers=2, grad_checkpoint=True)
 
 
+@benchmark("train", "yolov5n-320-b16-w2-augment-on-device", unit="img/s", units=_TRAIN_UNITS)
+def train_320_w2_augment_on_device() -> Callable[[], Any]:
+    """The same with --augment-on-device: HSV colour and flips in the training step (on the CPU: OpenCV per image)
+    instead of in the loader workers."""
+    return _train_setup(320, workers=2, augment_on_device=True)
+
+
 @benchmark("train", "yolov5n-320-b16-w2-compile", unit="img/s", units=_TRAIN_UNITS)
 def train_320_w2_compile() -> Callable[[], Any]:
     """The same with --compile (inductor). Compiling happens in the untimed set-up and takes minutes on 2 cores;
@@ -929,6 +1472,88 @@ def val_nms_coco128() -> Callable[[], Any]:
         return {"ours": (middle - start) * 1e3 / len(pred), "one-call-per-image": (end - middle) * 1e3 / len(pred)}
 
     return run_both
+
+
+# ====================================================================================================================
+# deploy: batch-1 CPU latency of yolov5n in each deployment format x precision (the README's deployment table).
+# One benchmark per input size times every variant in turn within each repeat (A B C ... A B C ...), so all rows
+# of a size share the machine's load; the set-up exports the files once (int8 calibrated on coco128 when ../shared
+# has it, else on the built-in dataset) and is not timed: about 3 minutes at 640 on 2 cores.
+
+_DEPLOY_RUNS_PER_ROUND = 5  # forwards per variant and repeat; the figure is their mean, in ms
+# PyTorch is left out (model/* times it): its OpenMP threads keep spinning after each call, which would take the
+# CPU from whichever variant runs next.
+_DEPLOY_VARIANTS = (  # row name: (export precision, format, run in half precision)
+    ("onnx-fp32", ("fp32", "onnx", False)),
+    ("onnx-int8", ("int8", "onnx", False)),
+    ("openvino-fp32", ("fp32", "openvino", False)),
+    ("openvino-bf16", ("fp32", "openvino", True)),  # the fp32 IR, compiled with OpenVINO's bf16 inference hint
+    ("openvino-int8", ("int8", "openvino", False)),
+)
+
+
+def _deploy_setup(imgsz: int) -> Callable[[], dict[str, float]]:
+    """Every deployment variant of yolov5n at ``imgsz`` loaded with the backend val.py and detect.py use, timed in
+    turn. bf16 rows run only on a CPU with native bfloat16 (AVX512-BF16 or AMX); elsewhere they are left out."""
+    import torch
+
+    from detector import export
+    from detector.export import format_for_path
+    from detector.utils.torch_utils import cpu_has_native_bf16
+
+    scratch = tempfile.TemporaryDirectory(prefix="bench-deploy-")
+    weights = _yolov5n_weights(Path(scratch.name))
+    coco128 = _shared_folder() / "datasets" / "coco128" / "coco128.yaml"
+    calibration = str(coco128) if coco128.is_file() else ""
+    exports = {  # no fp16: x86 CPUs without AVX512-FP16 have no fp16 arithmetic (ONNX Runtime casts to fp32)
+        "fp32": {"include": ("onnx", "openvino")},
+        "int8": {"include": ("onnx", "openvino"), "int8": True, "data": calibration},
+    }
+    files = {
+        precision: export(weights, imgsz=imgsz, project=scratch.name, name=precision, **options)
+        for precision, options in exports.items()
+    }
+    backends = {}
+    for row, (precision, weights_format, half) in _DEPLOY_VARIANTS:
+        if half and not cpu_has_native_bf16():
+            continue
+        path = files[precision][weights_format]
+        backends[row] = format_for_path(path)().load(path, torch.device("cpu"), half)
+    images = torch.rand(1, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0))
+    for backend in backends.values():
+        backend(images)  # first-call allocations outside the timing
+    rounds = iter(range(1_000_000))
+
+    def time_each() -> dict[str, float]:
+        start = next(rounds) % len(backends)
+        order = list(backends)[start:] + list(backends)[:start]  # a different variant first in every round
+        figures = {}
+        for row in order:
+            began = time.perf_counter()
+            for _ in range(_DEPLOY_RUNS_PER_ROUND):
+                backends[row](images)
+            figures[row] = (time.perf_counter() - began) * 1e3 / _DEPLOY_RUNS_PER_ROUND
+        _ = scratch  # keep the exported files as long as the benchmark runs
+        ratios = {f"{row}/onnx-fp32": figures[row] / figures["onnx-fp32"] for row in _DEPLOY_RATIOS if row in figures}
+        return {**{row: figures[row] for row in backends}, **ratios}
+
+    return time_each
+
+
+_DEPLOY_RATIOS = ("onnx-int8", "openvino-bf16", "openvino-int8")  # each against ONNX Runtime fp32 in the same round
+_DEPLOY_UNITS = {row: "ms" for row, _ in _DEPLOY_VARIANTS} | {f"{row}/onnx-fp32": "x" for row in _DEPLOY_RATIOS}
+
+
+@benchmark("deploy", "yolov5n-b1-320", unit="ms", units=_DEPLOY_UNITS)
+def deploy_320() -> Callable[[], Any]:
+    """yolov5n batch 1 at 320x320 on CPU: ONNX Runtime in fp32 and int8, OpenVINO in fp32, bf16 and int8."""
+    return _deploy_setup(320)
+
+
+@benchmark("deploy", "yolov5n-b1-640", unit="ms", units=_DEPLOY_UNITS)
+def deploy_640() -> Callable[[], Any]:
+    """The same at 640x640 (the acceptance size: int8 latency against ONNX Runtime fp32)."""
+    return _deploy_setup(640)
 
 
 if __name__ == "__main__":

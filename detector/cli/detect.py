@@ -108,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="hide_conf",
         help="labels without confidences" + _default("hide_conf"),
     )
-    add("--half", action="store_true", help="FP16 half-precision inference (CUDA only)" + _default("half"))
+    add(
+        "--half",
+        action="store_true",
+        help="half precision: FP16 on CUDA; bf16 for a .pt or OpenVINO model on CPUs with native bf16 (AVX512-BF16/AMX)"
+        + _default("half"),
+    )
     add(
         "--vid-stride",
         type=int,

@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--amp",
         choices=_choices("amp"),
-        help="mixed precision: auto = fp16 on CUDA if its check passes; bf16 also on CPU" + _default("amp"),
+        help="mixed precision, used when its check passes: auto = fp16 on CUDA, bf16 on CPUs with native bfloat16 "
+        "(AVX512-BF16 or AMX), else fp32; bf16 also forces it" + _default("amp"),
     )
     add(
         "--channels-last",
@@ -367,6 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="the last N epochs train without mosaic, mixup, CutMix, copy-paste, erasing and the auto-augment "
         "policy, and without --multi-scale: at the test resolution (FixRes)" + _default("close_mosaic"),
+    )
+    add(
+        "--augment-on-device",
+        action="store_true",
+        dest="augment_on_device",
+        help="apply the HSV colour jitter and the flips to each batch on the training device instead of per image "
+        "in the loader workers, which then do less per image (a GPU waits less for them); mosaic, the affine warp "
+        "and mixing stay in the workers. Not with --quad (default: False)",
     )
     add(
         "--time",

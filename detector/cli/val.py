@@ -106,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="exist_ok",
         help="reuse an existing project/name, do not increment" + _default("exist_ok"),
     )
-    add("--half", action="store_true", help="FP16 half-precision inference (CUDA only)" + _default("half"))
+    add(
+        "--half",
+        action="store_true",
+        help="half precision: FP16 on CUDA; bf16 for a .pt or OpenVINO model on CPUs with native bf16 (AVX512-BF16/AMX)"
+        + _default("half"),
+    )
     add_tile_flags(parser, _default)
     return parser
 

@@ -8,18 +8,21 @@ transform can be tested alone. The training order is written once, in :func:`bui
     -> gridmask -> albumentations -> HSV -> flips
 
 Adding an augmentation is one new class here plus one line in that function. Steps that need other images
-(mosaic, copy-paste, mixup, cutmix) receive a :class:`SampleSource` and draw their own extra indices.
+(mosaic, copy-paste, mixup, cutmix) receive a :class:`SampleSource` and draw their own extra indices. A mosaic
+followed directly by the random perspective runs as one step, :class:`MosaicWarp`, which resamples each picture
+once instead of building the 2x canvas (the loader's hot path).
 
 Images are OpenCV's (H, W, 3) uint8 BGR arrays all the way through; boxes are xyxy pixels of that image.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -62,6 +65,30 @@ class SampleSource(Protocol):
     def load_polygons(self, index: int) -> list[np.ndarray | None]:
         """For each box of ``load_sample(index)``, its object's outline as (k, 2) float32 xy normalised to 0-1,
         or None when the label is a plain box."""
+        ...
+
+
+class PictureLayout(NamedTuple):
+    """An image's size and boxes as :meth:`SampleSource.load_sample` would return them, known before reading it."""
+
+    shape: tuple[int, int]  # (height, width) of load_sample(index).image
+    boxes_xyxy: np.ndarray  # (N, 4) float32 pixels of that size
+    classes: np.ndarray  # (N,) int64
+
+
+@runtime_checkable
+class PictureSource(SampleSource, Protocol):
+    """A SampleSource that also tells an image's size and boxes before reading it and reads it unresized, so that
+    :class:`MosaicWarp` leaves out the pictures it does not show and resamples each other one only once. Its
+    reads draw no random numbers."""
+
+    def load_layout(self, index: int) -> PictureLayout:
+        """``load_sample(index)``'s image size, boxes and classes, without reading the image."""
+        ...
+
+    def load_unresized(self, index: int, min_side: int) -> np.ndarray:
+        """Image ``index`` before its resize, with the aspect ratio of ``load_layout(index).shape``: at any
+        resolution whose long side is at least ``min_side`` px (or ``load_sample``'s own, the lower of the two)."""
         ...
 
 
@@ -160,6 +187,20 @@ class Compose:
             sample = step(sample, rng)
         return sample
 
+    def apply_to_index(self, source: SampleSource, index: int, rng: np.random.Generator) -> Sample:
+        """``self(source.load_sample(index), rng)``, the same result, but a first step that reads its own pixels
+        (:class:`MosaicWarp`) is handed the index, so that it never reads or resizes a picture it does not show."""
+        if not self.steps:
+            return source.load_sample(index)
+        first, *rest = self.steps
+        if isinstance(first, (Compose, MosaicWarp)):
+            sample = first.apply_to_index(source, index, rng)
+        else:
+            sample = first(source.load_sample(index), rng)
+        for step in rest:
+            sample = step(sample, rng)
+        return sample
+
     def __repr__(self) -> str:
         return "Compose(\n" + "".join(f"  {step!r},\n" for step in self.steps) + ")"
 
@@ -171,6 +212,7 @@ def build_train_transforms(
     *,
     rect: bool = False,
     auto_augment: str = "",
+    on_device: bool = False,
 ) -> Compose:
     """The training augmentation, in order, driven by YOLOv5's hyperparameter keys.
 
@@ -180,7 +222,8 @@ def build_train_transforms(
     shape), and the mixing steps letterbox each image they draw from ``source`` to the sample's shape first.
     Steps that draw other images (mosaic, copy-paste, mixup, cutmix) exist only with a ``source``.
     ``auto_augment`` names a policy of :func:`detector.data.policies.build_auto_augment` ("" = none), applied
-    after the geometry so that it sees the final framing.
+    after the geometry so that it sees the final framing. ``on_device`` (``--augment-on-device``) leaves the last
+    steps, HSV and flips, to :class:`detector.data.device_augment.DeviceAugment` in the training step.
     """
     output_shape = None if rect else (imgsz, imgsz)
     mosaic = source is not None and not rect and hyp.mosaic > 0
@@ -199,6 +242,7 @@ def build_train_transforms(
             ),
         ]
     )
+    geometry = Compose(_fuse_mosaic_warp(geometry.steps))  # the same result, at a fraction of the cost
     policy: list[Transform] = []
     if auto_augment:
         # Imported here: only a run that asks for a policy loads the policies module.
@@ -218,11 +262,34 @@ def build_train_transforms(
             *([Cutout(hyp.cutout)] if hyp.cutout > 0 else []),
             *([GridMask(hyp.gridmask, hyp.min_visibility)] if hyp.gridmask > 0 else []),
             *([Albumentations(hyp.albumentations)] if hyp.albumentations > 0 else []),
-            RandomHSV(hyp.hsv_h, hyp.hsv_s, hyp.hsv_v),
-            RandomFlip("vertical", hyp.flipud),
-            RandomFlip("horizontal", hyp.fliplr),
+            *(
+                []
+                if on_device
+                else [
+                    RandomHSV(hyp.hsv_h, hyp.hsv_s, hyp.hsv_v),
+                    RandomFlip("vertical", hyp.flipud),
+                    RandomFlip("horizontal", hyp.fliplr),
+                ]
+            ),
         ]
     )
+
+
+def _fuse_mosaic_warp(steps: Sequence[Transform]) -> list[Transform]:
+    """``steps`` with each :class:`Mosaic` that is directly followed by a :class:`RandomPerspective` and draws from a
+    :class:`PictureSource` replaced by their :class:`MosaicWarp`."""
+    fused: list[Transform] = []
+    for step in steps:
+        previous = fused[-1] if fused else None
+        if (
+            isinstance(step, RandomPerspective)
+            and isinstance(previous, Mosaic)
+            and isinstance(previous.source, PictureSource)
+        ):
+            fused[-1] = MosaicWarp(previous, step)
+        else:
+            fused.append(step)
+    return fused
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -325,13 +392,21 @@ def _paste(canvas: np.ndarray, image: np.ndarray, x0: int, y0: int, boxes: np.nd
 
 
 def _clipped_sample(canvas: np.ndarray, boxes: list[np.ndarray], classes: list[np.ndarray]) -> Sample:
+    return Sample(canvas, *_clip_boxes(boxes, classes, canvas.shape[:2]))
+
+
+def _clip_boxes(
+    boxes: list[np.ndarray], classes: list[np.ndarray], shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pictures' boxes and classes joined, boxes clipped to a canvas of ``shape`` (height, width); the boxes
+    left with no area (their object entirely cut off) are dropped."""
     boxes_xyxy = np.concatenate(boxes).reshape(-1, 4).astype(np.float32)
     labels = np.concatenate(classes).astype(np.int64)
-    height, width = canvas.shape[:2]
+    height, width = shape
     np.clip(boxes_xyxy[:, 0::2], 0, width, out=boxes_xyxy[:, 0::2])
     np.clip(boxes_xyxy[:, 1::2], 0, height, out=boxes_xyxy[:, 1::2])
     visible = (boxes_xyxy[:, 2] > boxes_xyxy[:, 0]) & (boxes_xyxy[:, 3] > boxes_xyxy[:, 1])
-    return Sample(canvas, boxes_xyxy[visible], labels[visible])
+    return boxes_xyxy[visible], labels[visible]
 
 
 class Mosaic:
@@ -349,23 +424,194 @@ class Mosaic:
         self.nine_probability = nine_probability
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
-        if self.probability <= 0 or rng.random() >= self.probability:
+        extra = self.draw_images(rng)
+        if extra is None:
             return sample
-        nine = self.nine_probability > 0 and rng.random() < self.nine_probability
-        extra = rng.integers(0, len(self.source), size=8 if nine else 3)
-        samples = [sample, *(self.source.load_sample(int(i)) for i in extra)]
+        # Loaded between the draws, as a source may draw too (tiled training places its tiles with ``rng``).
+        return self.build([sample, *(self.source.load_sample(i) for i in extra)], rng)
+
+    def build(self, samples: Sequence[Sample], rng: np.random.Generator) -> Sample:
+        """The mosaic of ``samples`` (4 or 9, the sample first), drawing where the pictures meet."""
         images = [s.image for s in samples]
         boxes = [s.boxes_xyxy for s in samples]
         classes = [s.classes for s in samples]
-        if nine:
-            offset = tuple(int(v) for v in rng.integers(0, self.size + 1, size=2))
-            return mosaic9(images, boxes, classes, size=self.size, offset=offset)
-        # The centre stays in the middle half of the canvas so every quadrant keeps some of its image.
-        center = tuple(int(v) for v in rng.integers(self.size // 2, 3 * self.size // 2 + 1, size=2))
-        return mosaic4(images, boxes, classes, size=self.size, center=center)
+        if len(samples) == 9:
+            return mosaic9(images, boxes, classes, size=self.size, offset=self.draw_offset(rng))
+        return mosaic4(images, boxes, classes, size=self.size, center=self.draw_center(rng))
+
+    def draw_images(self, rng: np.random.Generator) -> list[int] | None:
+        """The first draws: the indices of the 3 (or 8) other images, or None when the sample gets no mosaic."""
+        if self.probability <= 0 or rng.random() >= self.probability:
+            return None
+        nine = self.nine_probability > 0 and rng.random() < self.nine_probability
+        return [int(i) for i in rng.integers(0, len(self.source), size=8 if nine else 3)]
+
+    def draw_center(self, rng: np.random.Generator) -> tuple[int, int]:
+        """Where the four pictures meet (x, y): in the middle half of the canvas, so each quadrant keeps some of
+        its picture."""
+        x, y = rng.integers(self.size // 2, 3 * self.size // 2 + 1, size=2)
+        return int(x), int(y)
+
+    def draw_offset(self, rng: np.random.Generator) -> tuple[int, int]:
+        """Where the 9-image mosaic's crop starts (x, y) on its 3x3 grid."""
+        x, y = rng.integers(0, self.size + 1, size=2)
+        return int(x), int(y)
 
     def __repr__(self) -> str:
         return f"Mosaic(p={self.probability}, p9={self.nine_probability}, size={self.size})"
+
+
+class MosaicWarp:
+    """:class:`Mosaic` followed by :class:`RandomPerspective`, fused: the same random draws, the same boxes and,
+    up to interpolation rounding, the same pixels as ``Compose([mosaic, perspective])``, at a fraction of the cost.
+
+    When the drawn warp only scales and shifts (YOLOv5's hyperparameters: no rotation, shear or perspective) and the
+    mosaic has 4 pictures, no 2x canvas is built: each picture's visible part is resampled once, from the image as
+    read straight into its rectangle of the output (:func:`warped_mosaic4`). A picture that lands entirely outside
+    the output is never read, and one shown much smaller than its stored size is read at a reduced JPEG size (DCT
+    scaling, :meth:`PictureSource.load_unresized`). Only where the two-step path resizes a picture, pastes it and
+    then resamples the canvas (two interpolations, blending neighbours across the picture's edge) does the fused one
+    interpolate once: the pixels differ by rounding, a line one pixel wide along each edge between pictures, and a
+    DCT-scaled read where one is used. 9-image mosaics and warps with rotation, shear or perspective take the
+    two-step path. ``mosaic.source`` must be a :class:`PictureSource` (its reads draw no random numbers).
+    """
+
+    def __init__(self, mosaic: Mosaic, perspective: RandomPerspective) -> None:
+        if not isinstance(mosaic.source, PictureSource):
+            raise TypeError(f"MosaicWarp needs a PictureSource to draw from, got {type(mosaic.source).__name__}")
+        self.mosaic = mosaic
+        self.perspective = perspective
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        layout = PictureLayout(sample.image.shape[:2], sample.boxes_xyxy, sample.classes)
+        return self._apply(_Picture(layout, lambda min_side: sample.image), lambda: sample, rng)
+
+    def apply_to_index(self, source: SampleSource, index: int, rng: np.random.Generator) -> Sample:
+        """``self(source.load_sample(index), rng)``, reading image ``index`` only if it is shown."""
+        if not _reads_pictures(type(source)):
+            return self(source.load_sample(index), rng)
+        return self._apply(_lazy_picture(source, index), functools.partial(source.load_sample, index), rng)
+
+    def _apply(self, first: _Picture, load_first: Callable[[], Sample], rng: np.random.Generator) -> Sample:
+        mosaic, perspective = self.mosaic, self.perspective
+        extra = mosaic.draw_images(rng)
+        if extra is None:
+            return perspective(load_first(), rng)
+        if len(extra) == 8:  # 9 pictures: the two steps as they are
+            return perspective(mosaic.build([load_first(), *(mosaic.source.load_sample(i) for i in extra)], rng), rng)
+        center = mosaic.draw_center(rng)
+        canvas_shape = (2 * mosaic.size, 2 * mosaic.size)
+        out_shape = perspective.output_shape or canvas_shape
+        matrix, gain = perspective.random_matrix(canvas_shape, out_shape, rng)
+        pictures = [first, *(_lazy_picture(mosaic.source, i) for i in extra)]
+        if _is_scale_and_shift(matrix):
+            warped = warped_mosaic4(
+                pictures, size=mosaic.size, center=center, matrix=matrix, gain=gain, out_shape=out_shape
+            )
+            if warped is not None:
+                return warped
+        samples = [load_first(), *(mosaic.source.load_sample(i) for i in extra)]
+        canvas = mosaic4(
+            [s.image for s in samples],
+            [s.boxes_xyxy for s in samples],
+            [s.classes for s in samples],
+            size=mosaic.size,
+            center=center,
+        )
+        return perspective.warp(canvas, matrix, gain, out_shape)
+
+    def __repr__(self) -> str:
+        return f"MosaicWarp({self.mosaic!r}, {self.perspective!r})"
+
+
+class _Picture(NamedTuple):
+    """A mosaic picture before its pixels are read: its size and boxes as the source serves it, and its reader."""
+
+    layout: PictureLayout
+    read: Callable[[int], np.ndarray]  # read(min_side): its pixels at any resolution (PictureSource.load_unresized)
+
+
+def _lazy_picture(source: PictureSource, index: int) -> _Picture:
+    return _Picture(source.load_layout(index), functools.partial(source.load_unresized, index))
+
+
+@functools.cache
+def _reads_pictures(source_type: type) -> bool:
+    """Whether a source of this type is a :class:`PictureSource` (cached: a Protocol's isinstance is slow)."""
+    return all(callable(getattr(source_type, name, None)) for name in ("load_layout", "load_unresized"))
+
+
+def warped_mosaic4(
+    pictures: Sequence[_Picture],
+    *,
+    size: int,
+    center: tuple[int, int],
+    matrix: np.ndarray,
+    gain: float,
+    out_shape: tuple[int, int],
+) -> Sample | None:
+    """``RandomPerspective.warp(mosaic4(...), matrix, gain, out_shape)`` for a scale-and-shift ``matrix``, without
+    the canvas: each picture's part that lands in the output is resampled once, straight from its pixels as read.
+
+    The boxes are exactly the two-step path's (same canvas geometry, same whole-pixel rounding of the warp); each
+    output pixel takes the picture its centre falls in (the two-step path blends neighbours across picture edges).
+    Returns None when a picture's pixels, once read, do not have the aspect ratio of its layout (a size the
+    source predicted wrongly): the caller then takes the two-step path.
+    """
+    canvas_shape = (2 * size, 2 * size)
+    plan = _plan_scale_and_shift(canvas_shape, matrix, out_shape)
+    image = np.full((*out_shape, 3), PAD_VALUE, np.uint8)
+    center_x, center_y = center
+    all_boxes, all_classes = [], []
+    for position, picture in enumerate(pictures):
+        height, width = picture.layout.shape
+        x0 = center_x - width if position in (0, 2) else center_x
+        y0 = center_y - height if position in (0, 1) else center_y
+        all_boxes.append(picture.layout.boxes_xyxy + np.array([x0, y0, x0, y0], np.float32))
+        all_classes.append(picture.layout.classes)
+        if plan is not None and not _warp_picture(image, picture, (x0, y0), plan):
+            return None
+    boxes, classes = _clip_boxes(all_boxes, all_classes, canvas_shape)
+    return _moved_boxes(image, boxes, classes, matrix if plan is None else plan.matrix, gain)
+
+
+def _warp_picture(image: np.ndarray, picture: _Picture, corner: tuple[int, int], plan: _ScaleShiftPlan) -> bool:
+    """Resample ``picture``, placed with its top-left at ``corner`` (x, y) on the mosaic canvas, into the output
+    ``image`` through ``plan``: only the output pixels whose centres fall on the picture; the picture is not read
+    when there are none. False when its pixels do not fit its shape (see :func:`warped_mosaic4`)."""
+    height, width = picture.layout.shape
+    gain_x, gain_y = float(plan.matrix[0, 0]), float(plan.matrix[1, 1])
+    shift_x, shift_y = float(plan.matrix[0, 2]), float(plan.matrix[1, 2])
+    crop_x0, crop_y0, crop_x1, crop_y1 = plan.crop
+    # The picture's part of the canvas that lands in the output, then the output pixels whose centres map into it.
+    x_range = (max(corner[0], crop_x0), min(corner[0] + width, crop_x1))
+    y_range = (max(corner[1], crop_y0), min(corner[1] + height, crop_y1))
+    left, right = (min(max(math.ceil(gain_x * x + shift_x - 0.5), 0), image.shape[1]) for x in x_range)
+    top, bottom = (min(max(math.ceil(gain_y * y + shift_y - 0.5), 0), image.shape[0]) for y in y_range)
+    if right <= left or bottom <= top:
+        return True
+    # Read at the resolution the output shows it at, at most.
+    pixels = picture.read(math.ceil(max(height * gain_y, width * gain_x)))
+    pixels_h, pixels_w = pixels.shape[:2]
+    # Same aspect ratio up to the rounding of both sizes (each side may be off by a pixel or so).
+    if abs(pixels_w * height - pixels_h * width) > pixels_w + pixels_h + width + height:
+        return False
+    # Picture pixels -> output pixels (pixel-edge coordinates): x_out = gain * (x_pixels * width / pixels_w + x0)
+    # + shift; in OpenCV's pixel-centre coordinates each offset gains scale / 2 - 1 / 2.
+    scale_x, scale_y = gain_x * width / pixels_w, gain_y * height / pixels_h
+    offset_x = gain_x * corner[0] + shift_x - left + 0.5 * scale_x - 0.5
+    offset_y = gain_y * corner[1] + shift_y - top + 0.5 * scale_y - 0.5
+    to_output = np.array([[scale_x, 0.0, offset_x], [0.0, scale_y, offset_y]])
+    region = image[top:bottom, left:right]
+    cv2.warpAffine(
+        pixels,
+        to_output,
+        (right - left, bottom - top),
+        dst=region,
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -571,22 +817,21 @@ class RandomPerspective:
         self.perspective = perspective
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
-        in_h, in_w = sample.image.shape[:2]
-        out_h, out_w = self.output_shape or (in_h, in_w)
-        matrix, gain = self.random_matrix((in_h, in_w), (out_h, out_w), rng)
+        in_shape = sample.image.shape[:2]
+        out_shape = self.output_shape or in_shape
+        matrix, gain = self.random_matrix(in_shape, out_shape, rng)
+        return self.warp(sample, matrix, gain, out_shape)
+
+    def warp(self, sample: Sample, matrix: np.ndarray, gain: float, out_shape: tuple[int, int]) -> Sample:
+        """``sample`` through a drawn ``matrix`` (of scale ``gain``) into an image of ``out_shape`` (height, width)."""
+        out_h, out_w = out_shape
         if _is_scale_and_shift(matrix):  # YOLOv5's default hyps: no rotation, shear or perspective
-            image, matrix = _scale_and_shift(sample.image, matrix, (out_h, out_w))
+            image, matrix = _scale_and_shift(sample.image, matrix, out_shape)
         elif self.perspective:
             image = cv2.warpPerspective(sample.image, matrix, (out_w, out_h), borderValue=(PAD_VALUE,) * 3)
         else:
             image = cv2.warpAffine(sample.image, matrix[:2], (out_w, out_h), borderValue=(PAD_VALUE,) * 3)
-        if len(sample.classes) == 0:
-            return Sample(image, sample.boxes_xyxy, sample.classes)
-        boxes = transform_boxes(sample.boxes_xyxy, matrix)
-        np.clip(boxes[:, 0::2], 0, out_w, out=boxes[:, 0::2])
-        np.clip(boxes[:, 1::2], 0, out_h, out=boxes[:, 1::2])
-        keep = box_candidates(sample.boxes_xyxy * gain, boxes)
-        return Sample(image, boxes[keep], sample.classes[keep])
+        return _moved_boxes(image, sample.boxes_xyxy, sample.classes, matrix, gain)
 
     def random_matrix(
         self, in_shape: tuple[int, int], out_shape: tuple[int, int], rng: np.random.Generator
@@ -626,6 +871,51 @@ def _is_scale_and_shift(matrix: np.ndarray) -> bool:
     )
 
 
+def _moved_boxes(
+    image: np.ndarray, boxes_xyxy: np.ndarray, classes: np.ndarray, matrix: np.ndarray, gain: float
+) -> Sample:
+    """The warped ``image`` with the boxes moved by ``matrix`` (of scale ``gain``): clipped to the image, and those
+    no longer worth training on (:func:`box_candidates`) dropped."""
+    if len(classes) == 0:
+        return Sample(image, boxes_xyxy, classes)
+    out_h, out_w = image.shape[:2]
+    boxes = transform_boxes(boxes_xyxy, matrix)
+    np.clip(boxes[:, 0::2], 0, out_w, out=boxes[:, 0::2])
+    np.clip(boxes[:, 1::2], 0, out_h, out=boxes[:, 1::2])
+    keep = box_candidates(boxes_xyxy * gain, boxes)
+    return Sample(image, boxes[keep], classes[keep])
+
+
+class _ScaleShiftPlan(NamedTuple):
+    """A scale-and-shift warp rounded to whole pixels: which input pixels land where in the output."""
+
+    crop: tuple[int, int, int, int]  # (x0, y0, x1, y1): the input pixels that land in the output
+    size: tuple[int, int]  # (width, height) they are resized to
+    corner: tuple[int, int]  # (left, top) where they land (may lie partly outside the output: that part is cut)
+    matrix: np.ndarray  # 3x3 float32, the warp applied: input pixel-edge coordinates -> output ones
+
+
+def _plan_scale_and_shift(
+    in_shape: tuple[int, int], matrix: np.ndarray, out_shape: tuple[int, int]
+) -> _ScaleShiftPlan | None:
+    """The whole-pixel version of a scale-and-shift ``matrix`` from an input of ``in_shape`` to ``out_shape``
+    (both (height, width)); None when the input moves entirely out of view."""
+    out_h, out_w = out_shape
+    in_h, in_w = in_shape
+    gain_x, gain_y, shift_x, shift_y = (float(v) for v in (matrix[0, 0], matrix[1, 1], matrix[0, 2], matrix[1, 2]))
+    x0, x1 = max(0, math.floor(-shift_x / gain_x)), min(in_w, math.ceil((out_w - shift_x) / gain_x))
+    y0, y1 = max(0, math.floor(-shift_y / gain_y)), min(in_h, math.ceil((out_h - shift_y) / gain_y))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    width, height = max(1, round((x1 - x0) * gain_x)), max(1, round((y1 - y0) * gain_y))
+    left, top = round(x0 * gain_x + shift_x), round(y0 * gain_y + shift_y)
+    applied_x, applied_y = width / (x1 - x0), height / (y1 - y0)
+    applied = np.array(
+        [[applied_x, 0, left - x0 * applied_x], [0, applied_y, top - y0 * applied_y], [0, 0, 1]], np.float32
+    )
+    return _ScaleShiftPlan((x0, y0, x1, y1), (width, height), (left, top), applied)
+
+
 def _scale_and_shift(
     image: np.ndarray, matrix: np.ndarray, out_shape: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -635,25 +925,16 @@ def _scale_and_shift(
     so the result may differ from ``matrix`` by under a pixel; the matrix returned is the one actually applied
     (in pixel-edge coordinates, the convention of box corners), so boxes transformed with it stay exact.
     """
-    out_h, out_w = out_shape
-    in_h, in_w = image.shape[:2]
-    gain_x, gain_y, shift_x, shift_y = (float(v) for v in (matrix[0, 0], matrix[1, 1], matrix[0, 2], matrix[1, 2]))
-    x0, x1 = max(0, math.floor(-shift_x / gain_x)), min(in_w, math.ceil((out_w - shift_x) / gain_x))
-    y0, y1 = max(0, math.floor(-shift_y / gain_y)), min(in_h, math.ceil((out_h - shift_y) / gain_y))
-    canvas = np.full((out_h, out_w, 3), PAD_VALUE, np.uint8)
-    if x1 <= x0 or y1 <= y0:  # the image moved entirely out of view
+    canvas = np.full((*out_shape, 3), PAD_VALUE, np.uint8)
+    plan = _plan_scale_and_shift(image.shape[:2], matrix, out_shape)
+    if plan is None:  # the image moved entirely out of view
         return canvas, matrix
-    width, height = max(1, round((x1 - x0) * gain_x)), max(1, round((y1 - y0) * gain_y))
-    left, top = round(x0 * gain_x + shift_x), round(y0 * gain_y + shift_y)
+    x0, y0, x1, y1 = plan.crop
     crop = image[y0:y1, x0:x1]
-    if (width, height) != (x1 - x0, y1 - y0):
-        crop = cv2.resize(crop, (width, height), interpolation=cv2.INTER_LINEAR)
-    _paste(canvas, crop, left, top, np.zeros((0, 4), np.float32))
-    applied_x, applied_y = width / (x1 - x0), height / (y1 - y0)
-    applied = np.array(
-        [[applied_x, 0, left - x0 * applied_x], [0, applied_y, top - y0 * applied_y], [0, 0, 1]], np.float32
-    )
-    return canvas, applied
+    if plan.size != (x1 - x0, y1 - y0):
+        crop = cv2.resize(crop, plan.size, interpolation=cv2.INTER_LINEAR)
+    _paste(canvas, crop, *plan.corner, np.zeros((0, 4), np.float32))
+    return canvas, plan.matrix
 
 
 def transform_boxes(boxes_xyxy: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -722,7 +1003,7 @@ def flip(sample: Sample, direction: str) -> Sample:
 
 
 class RandomHSV:
-    """Random hue, saturation and value gains, applied through one look-up table per channel (cv2.LUT).
+    """Random hue, saturation and value gains, applied through one look-up table per channel (cv2.LUT on each plane).
 
     Gains are drawn in [1 - g, 1 + g] for each of ``hue``, ``saturation``, ``value``; hue wraps around
     OpenCV's 0-179 range, saturation and value are clipped to 0-255.
@@ -736,12 +1017,18 @@ class RandomHSV:
             return sample
         gains = rng.uniform(-1, 1, 3) * self.gains + 1
         levels = np.arange(256, dtype=np.float64)
-        table = np.empty((1, 256, 3), np.uint8)
-        table[0, :, 0] = ((levels * gains[0]) % 180).astype(np.uint8)
-        table[0, :, 1] = np.clip(levels * gains[1], 0, 255).astype(np.uint8)
-        table[0, :, 2] = np.clip(levels * gains[2], 0, 255).astype(np.uint8)
+        tables = (
+            ((levels * gains[0]) % 180).astype(np.uint8),
+            np.clip(levels * gains[1], 0, 255).astype(np.uint8),
+            np.clip(levels * gains[2], 0, 255).astype(np.uint8),
+        )
         hsv = cv2.cvtColor(sample.image, cv2.COLOR_BGR2HSV)
-        cv2.LUT(hsv, table, dst=hsv)  # one call maps all three channels, each through its own column
+        # Split, map each plane through its table and merge: 1.6x faster than one cv2.LUT with a 3-channel table,
+        # which OpenCV does not vectorise.
+        planes = cv2.split(hsv)
+        for plane, table in zip(planes, tables, strict=True):
+            cv2.LUT(plane, table, dst=plane)
+        cv2.merge(planes, dst=hsv)
         image = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=hsv)
         return Sample(image, sample.boxes_xyxy, sample.classes)
 
@@ -1103,7 +1390,10 @@ __all__ = [
     "Letterbox",
     "MixUp",
     "Mosaic",
+    "MosaicWarp",
     "PasteObject",
+    "PictureLayout",
+    "PictureSource",
     "RandomFlip",
     "RandomHSV",
     "RandomPerspective",
@@ -1123,4 +1413,5 @@ __all__ = [
     "paste_objects",
     "polygon_mask",
     "transform_boxes",
+    "warped_mosaic4",
 ]

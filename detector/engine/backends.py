@@ -31,7 +31,7 @@ from torch import Tensor
 from detector.errors import CheckpointError, ConfigError
 from detector.models.yolo import augmented_forward
 from detector.ops.nms import non_max_suppression
-from detector.utils.torch_utils import select_device
+from detector.utils.torch_utils import half_precision_dtype, select_device
 
 LOGGER = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ def load_backend(
 ) -> Backend:
     """Load ``weights`` of any supported format on ``device`` ("", "cpu", "0", ...).
 
-    ``half`` runs in FP16 where the format allows it (CUDA only; ignored with a warning on CPU). ``data`` is an
+    ``half`` runs in FP16 where the format allows it on CUDA; on a CPU with native bfloat16 (AVX512-BF16, AMX) a
+    ``.pt`` runs under bf16 autocast instead, elsewhere on the CPU it is ignored with a warning. ``data`` is an
     optional dataset YAML whose class names are used when the weights store none (or to rename them).
     Errors (missing file, unknown suffix, missing runtime) are one-line :class:`CheckpointError`/:class:`ConfigError`.
     """
@@ -151,8 +152,14 @@ def load_backend(
     if not path.exists():
         raise CheckpointError(f"{path}: weights not found")
     torch_device = select_device(device)
-    if half and torch_device.type != "cuda":
-        LOGGER.warning("WARNING: --half needs a CUDA device; running in FP32 on %s", torch_device.type.upper())
+    bf16_capable = is_checkpoint or getattr(weights_format, "name", "") == "openvino"  # bf16 on the CPU: these two
+    cpu_bf16 = half and bf16_capable and half_precision_dtype(torch_device) == torch.bfloat16
+    if half and torch_device.type != "cuda" and not cpu_bf16:
+        LOGGER.warning(
+            "WARNING: --half needs a CUDA device, or a .pt or OpenVINO model on a CPU with native bfloat16; running "
+            "in FP32 on %s",
+            torch_device.type.upper(),
+        )
         half = False
     if weights_format is None:
         backend: Backend = PyTorchBackend(path, torch_device, half)
@@ -243,15 +250,18 @@ class PyTorchBackend(Backend):
         from detector.models.loading import load_model
 
         self.model = load_model(weights, device=device, fuse=True).eval()
-        if half:
+        # --half: fp16 weights on CUDA; on the CPU bf16 autocast (weights stay fp32, the Detect head decodes in fp32)
+        self.autocast_dtype = torch.bfloat16 if half and device.type == "cpu" else None
+        if half and self.autocast_dtype is None:
             self.model.half()
-        self.fp16 = half
+        self.fp16 = half and self.autocast_dtype is None
         self.names = [str(n) for n in self.model.names]
         self.strides = tuple(int(s) for s in self.model.stride.tolist())
         self.stride = max(self.strides)
 
     def forward(self, images: Tensor) -> Tensor:
-        output = self.model(images)
+        with torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            output = self.model(images)
         return output[0] if isinstance(output, (tuple, list)) else output
 
 

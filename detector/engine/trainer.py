@@ -57,6 +57,7 @@ from detector.config import (
     save_config,
 )
 from detector.data.dataset_config import load_dataset_config
+from detector.data.device_augment import DeviceAugment
 from detector.data.loader import create_dataloader
 from detector.data.weights import labels_to_class_weights, labels_to_image_weights, reweight_by_map
 from detector.engine import distributed
@@ -93,7 +94,14 @@ from detector.utils.checks import check_imgsz, round_to_stride
 from detector.utils.files import increment_path
 from detector.utils.logging import add_file_log, remove_file_log, setup_logging, start_log_buffer
 from detector.utils.plots import plot_labels
-from detector.utils.torch_utils import buffers_kept, describe_device, init_seeds, select_device, unwrap_model
+from detector.utils.torch_utils import (
+    buffers_kept,
+    cpu_has_native_bf16,
+    describe_device,
+    init_seeds,
+    select_device,
+    unwrap_model,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -165,17 +173,22 @@ def set_train_mode(model: nn.Module, frozen: Iterable[nn.Module]) -> None:
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    """--amp -> the autocast dtype (None = fp32). auto: fp16 on CUDA, off on CPU; fp16 needs CUDA."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+    """--amp -> the autocast dtype (None = fp32).
+
+    auto: fp16 on CUDA; on the CPU bf16 where the CPU computes it natively (AVX512-BF16 or AMX: a training step of
+    yolov5n at 320, batch 16, took 0.55 s against 1.05 s in fp32 on a Zen 4 core), else off. fp16 needs CUDA.
+    """
+    if mode == "off":
         return None
+    if mode == "auto" and device.type != "cuda":
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
     if mode in ("auto", "fp16"):
         if device.type != "cuda":
             raise ConfigError(f"--amp fp16 needs a CUDA device (got {device}); on CPU use --amp bf16 or off")
         return torch.float16
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"--amp bf16: {describe_device(device)} does not support bfloat16; use --amp fp16")
-    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        # Emulated bfloat16 (no AVX512-BF16/AMX) measured 10x slower than fp32 for yolov5n training.
+    if device.type == "cpu" and not cpu_has_native_bf16():
         LOGGER.warning("WARNING: --amp bf16: this CPU has no native bfloat16; training will be much slower than fp32")
     return torch.bfloat16
 
@@ -435,6 +448,7 @@ class Trainer:
             cache_dir=config.cache_dir,
             train_tile=config.train_tile,
             unlabeled=config.unlabeled or None,
+            augment_on_device=config.augment_on_device,
         )
         return loader
 
@@ -766,6 +780,10 @@ class Trainer:
         """
         state = self.state
         images_uint8, targets, paths = batch[0], batch[1], batch[2]
+        if self.config.augment_on_device:  # the HSV jitter and flips that the loader workers left out
+            augment = DeviceAugment(self.config.hyp)  # holds only the ranges: as cheap to make as to keep
+            seed = (self.config.seed, state.epoch, state.batch_index, self.context.rank)
+            images_uint8, targets = augment(images_uint8.to(self.device, non_blocking=True), targets, seed)
         target_weights = None
         if self.config.unlabeled:  # pseudo-label rows arrive as class + nc: their class, and --pseudo-weight
             targets, target_weights = unmark_pseudo_targets(targets, len(self.names), self.config.pseudo_weight)
@@ -1005,7 +1023,7 @@ class Trainer:
             imgsz=self.imgsz,
             batch_size=self.batch_size * 2,
             single_cls=self.config.single_cls,
-            half=self.amp_dtype == torch.float16,
+            half=self.amp_dtype is not None,  # validation under the training's autocast dtype
             verbose=verbose,
         )
         return Validator(config, self.names, self.save_dir, plots=plots, training=True)

@@ -52,7 +52,7 @@ from detector.ops.boxes import clip_boxes, xywhn2xyxy, xyxy2xywhn
 from detector.ops.metrics import DetectionStats, Metrics, Speed, box_iou_numpy, confusion_matrix
 from detector.ops.nms import non_max_suppression
 from detector.utils.checks import check_threshold
-from detector.utils.torch_utils import time_sync
+from detector.utils.torch_utils import half_precision_dtype, time_sync
 
 LOGGER = logging.getLogger(__name__)
 
@@ -194,8 +194,8 @@ class Validator:
         """Decoded predictions (B, N, 5 + nc) (or end2end detections) and the loss terms when asked (else {})."""
         if not isinstance(model, nn.Module):
             return _call_backend(model, inputs, self.config.augment), {}
-        use_autocast = self.config.half and inputs.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast("cuda", enabled=use_autocast):
+        dtype = half_precision_dtype(inputs.device) if self.config.half else None
+        with torch.inference_mode(), torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype is not None):
             if loss_fn is not None:
                 raw = model.forward_raw(inputs)
                 loss_terms = loss_fn([r.float() for r in raw], targets)

@@ -88,6 +88,8 @@ class Detect(nn.Module):
         outputs = []
         for level, prediction in enumerate(raw):
             batch, _, height, width, _ = prediction.shape
+            if prediction.dtype == torch.bfloat16:
+                prediction = prediction.float()  # bf16's 8 bits would put boxes at 640 px off by up to 2 px
             stride = self.stride[level]
             grid_pixels = self._grid(height, width, prediction.dtype, prediction.device) * stride
             # (2 * sigmoid)^2 * anchor_pixels, with the constant 4 folded into the (na)-sized anchor tensor.

@@ -79,6 +79,21 @@ def time_sync(device: torch.device | None = None) -> float:
     return time.perf_counter()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): there bf16 convolutions run about twice as
+    fast as fp32; elsewhere oneDNN emulates bf16, which measured 10x slower than fp32 for yolov5n training."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def half_precision_dtype(device: torch.device) -> torch.dtype | None:
+    """What --half computes in on ``device``: fp16 on CUDA, bf16 on a CPU with native bf16, else None (fp32)."""
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+
+
 def describe_device(device: torch.device) -> str:
     """One line naming the device, e.g. 'CUDA:0 (NVIDIA H100, 80GiB)' or 'CPU (2 threads)'."""
     if device.type == "cuda":

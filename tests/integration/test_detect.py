@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_models import strided_convs_yaml
+from torchvision.ops import box_iou
 
 from detector.config import DetectConfig
 from detector.engine.predictor import Detector, run_detect
@@ -22,6 +23,7 @@ from detector.models.loading import checkpoint_model_entries
 from detector.models.yolo import DetectionModel
 from detector.utils.checkpoint import save_checkpoint
 from detector.utils.drawing import class_color
+from detector.utils.torch_utils import cpu_has_native_bf16
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,6 +96,23 @@ def test_yolov5n_matches_yolov5_detect(
     assert len(list((tmp_path / "exp" / "crops" / "person").glob("*.jpg"))) == 6
     bus_crops = [p.name for p in (tmp_path / "exp" / "crops" / "bus").glob("*.jpg")]
     assert bus_crops == ["bus_4.jpg"]  # the bus is the 5th (least confident) detection of bus.jpg
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 --half on the CPU needs native bfloat16 (AVX512-BF16/AMX)")
+def test_half_on_a_bf16_cpu_finds_the_fp32_detections(yolov5n_weights: Path, shared_images: Path) -> None:
+    """--half on a CPU with native bf16: bf16 autocast, Detect decoding in fp32; the same objects as fp32."""
+    from detector import Detector as PublicDetector
+
+    fp32 = PublicDetector(yolov5n_weights, device="cpu", imgsz=640)
+    bf16 = PublicDetector(yolov5n_weights, device="cpu", imgsz=640, half=True)
+    assert bf16.backend.autocast_dtype == torch.bfloat16 and not bf16.backend.fp16
+    images = [str(shared_images / "bus.jpg"), str(shared_images / "zidane.jpg")]
+    for exact, half in zip(fp32(images), bf16(images), strict=True):
+        keep = exact.confidences > 0.4  # bf16 may move a score near the 0.25 threshold across it: compare clear ones
+        matched = box_iou(torch.as_tensor(exact.boxes[keep]), torch.as_tensor(half.boxes)).max(1)
+        assert (matched.values > 0.9).all(), (exact.boxes[keep], half.boxes)
+        np.testing.assert_array_equal(exact.class_ids[keep], half.class_ids[matched.indices.numpy()])
+        np.testing.assert_allclose(exact.confidences[keep], half.confidences[matched.indices.numpy()], atol=0.05)
 
 
 def _assert_boxes_drawn(annotated: np.ndarray, rows: np.ndarray, width: int, height: int) -> None:

@@ -273,6 +273,21 @@ def test_decode_follows_the_yolov5_formula() -> None:
     assert torch.allclose(decoded[0, 0], torch.tensor([4.0, 4.0, 10.0, 20.0, 0.5, 0.5, 0.5]))
 
 
+def test_bf16_raw_maps_decode_in_fp32() -> None:
+    """bf16 autocast inference (--half on CPU): the raw maps arrive in bf16, the boxes are decoded in fp32, so a box
+    at x ~ 600 px keeps sub-pixel precision (bf16 alone rounds there to steps of 4 px)."""
+    detect = _detect_with_strides(nc=2)
+    raw = [torch.zeros(1, 2, 80, 80, 7), torch.zeros(1, 2, 2, 2, 7)]
+    raw[0][0, 0, 2, 75, :2] = torch.tensor([0.3, -0.2])
+    as_bf16 = [r.to(torch.bfloat16) for r in raw]
+    decoded = detect.decode(as_bf16)
+    assert decoded.dtype == torch.float32
+    expected = detect.decode([r.float() for r in as_bf16])  # the same bf16 inputs, decoded in fp32 by hand
+    torch.testing.assert_close(decoded, expected)
+    x = decoded[0, 2 * 80 + 75, 0]  # level 0, anchor 0, y 2, x 75: (2 * sigmoid(0.3) - 0.5 + 75) * 8
+    assert abs(float(x) - (2 * torch.sigmoid(torch.tensor(0.3)).item() + 74.5) * 8) < 0.05
+
+
 def test_grid_cache_follows_the_input_shape() -> None:
     detect = _detect_with_strides()
     for height, width in ((3, 4), (5, 2), (3, 4)):

@@ -194,7 +194,8 @@ def test_unlabelled_images_join_the_dataset_marked_and_reach_a_worker_copy_by_ge
     assert dataset.im_files == [str(p) for p in split["images"]]
     assert dataset.unlabeled.tolist() == [False] * 4 + [True] * 4
     assert all(len(labels) == 0 for labels in dataset.labels[4:])  # their label files are not read
-    mosaic = next(step for step in dataset.transforms.steps[0].steps if isinstance(step, Mosaic))
+    geometry = [getattr(step, "mosaic", step) for step in dataset.transforms.steps[0].steps]  # MosaicWarp's Mosaic
+    mosaic = next(step for step in geometry if isinstance(step, Mosaic))
     assert mosaic.source is dataset.donors and len(dataset.donors) == 4  # no unlabelled tiles before labelling
     worker_copy = copy.deepcopy(dataset)  # a persistent worker's copy, made before the labelling
 

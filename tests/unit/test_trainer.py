@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ from detector.engine.trainer import (
 )
 from detector.errors import CheckpointError, ConfigError
 from detector.utils.checkpoint import load_checkpoint, save_checkpoint
+from detector.utils.torch_utils import cpu_has_native_bf16
 
 
 class Layered(nn.Module):
@@ -245,12 +247,30 @@ def test_epoch_seed_depends_only_on_seed_and_epoch():
 # -- AMP ---------------------------------------------------------------------------------------------------------------
 
 
+def cpuinfo_flags() -> set[str] | None:
+    """The CPU's feature flags as Linux reports them (None elsewhere): an independent view of what torch detects."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
 def test_resolve_amp_modes():
     cpu = torch.device("cpu")
-    assert resolve_amp("auto", cpu) is None and resolve_amp("off", cpu) is None
+    assert resolve_amp("off", cpu) is None
     assert resolve_amp("bf16", cpu) == torch.bfloat16
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         resolve_amp("fp16", cpu)
+
+
+def test_amp_auto_on_cpu_is_bf16_exactly_where_the_cpu_has_native_bf16():
+    flags = cpuinfo_flags()
+    if flags is None:
+        pytest.skip("needs /proc/cpuinfo")
+    native = bool({"avx512_bf16", "amx_tile"} & flags)
+    assert cpu_has_native_bf16() == native
+    assert resolve_amp("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
 
 
 class AutocastSensitive(nn.Module):
