@@ -3,7 +3,7 @@ against the two-step path, the ImageStore methods it reads pictures through, and
 
 from __future__ import annotations
 
-import subprocess
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from detector.data.augment import (
     build_train_transforms,
 )
 from detector.data.dataset import YOLODataset, long_side_shape
+from detector.data.loader import keep_freed_memory
 from detector.data.media import read_image, read_size
 
 SIZE = 64  # training size of the fake sources: pictures have a long side of 64
@@ -96,17 +97,20 @@ def test_fake_source_is_a_picture_source() -> None:
     assert isinstance(FakePictureSource(), PictureSource)
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_fused_mosaic_matches_the_two_step_path(seed: int) -> None:
-    """Same draws: equal boxes and classes; pixels equal up to interpolation (one resampling instead of two)."""
+def test_fused_mosaic_matches_the_two_step_path() -> None:
+    """Same draws: equal boxes and classes; pixels equal up to interpolation (one resampling instead of two).
+    The sample's own picture comes at its stored size, the others unresized (1.5x): both mappings are checked."""
     source = FakePictureSource()
     perspective = RandomPerspective((SIZE, SIZE), translate=0.1, scale=0.5)
     fused = MosaicWarp(Mosaic(source, SIZE, probability=1.0), perspective)
-    sample = source.samples[seed % len(source)]
-    out = fused(sample, np.random.default_rng(seed))
-    reference = two_step(fused)(sample, np.random.default_rng(seed))
-    assert_same_output(out, reference, max_mean_difference=4.0)
-    assert len(reference.classes) > 0 or seed % 3  # most mosaics keep some boxes: the comparison is not vacuous
+    compared = 0
+    for seed in range(16):
+        sample = source.samples[seed % len(source)]
+        out = fused(sample, np.random.default_rng(seed))
+        reference = two_step(fused)(sample, np.random.default_rng(seed))
+        assert_same_output(out, reference, max_mean_difference=4.0)
+        compared += len(reference.classes)
+    assert compared >= 30  # the box comparison is not vacuous
 
 
 def test_fused_mosaic_is_close_on_smooth_pictures() -> None:
@@ -129,8 +133,8 @@ def test_fused_mosaic_is_close_on_smooth_pictures() -> None:
 
 
 def test_pictures_outside_the_output_are_not_read() -> None:
-    """Zoomed in (scale gain 1.5) around a mosaic centre near a corner, some pictures fall entirely outside: they
-    are never read, and the output still matches the two-step path."""
+    """Over 30 draws some pictures land entirely outside the output (zoomed in, or the mosaic centre near an edge):
+    they are never read, and the output still matches the two-step path."""
     source = FakePictureSource()
     perspective = RandomPerspective((SIZE, SIZE), translate=0.1, scale=0.5)
     fused = MosaicWarp(Mosaic(source, SIZE, probability=1.0), perspective)
@@ -302,41 +306,46 @@ def test_ram_cached_store_gives_the_same_items(photos: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # Workers' malloc
 
-FAULTS_SCRIPT = """
-import resource, numpy as np
-from detector.data.loader import keep_freed_memory
 
-def item():  # the arrays of an item at 640 px: picture, output, HSV copy and planes, flip, CHW tensor
+def _item() -> np.ndarray:
+    """The arrays of one 640 px item: picture, output, HSV copy and planes, flip, then the CHW tensor it returns."""
     picture, out = np.ones((480, 640, 3), np.uint8), np.ones((640, 640, 3), np.uint8)
     del picture
     hsv = out + 1
     planes = [np.ones((640, 640), np.uint8) for _ in range(3)]
     del hsv, planes
     flipped = out[:, ::-1].copy()
-    del out
+    del out, flipped
     return np.ones((3, 640, 640), np.uint8)
 
-def batch():
-    return np.stack([item() for _ in range(4)])
 
-def faults():
-    for _ in range(2):
-        batch()
+def _page_faults_per_10_batches() -> int:
+    import resource  # Unix only
+
+    for _ in range(2):  # warm up
+        np.stack([_item() for _ in range(4)])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):
-        batch()
+        np.stack([_item() for _ in range(4)])
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-default = faults()
-print(default, faults() if keep_freed_memory() else -1)
-"""
+
+def _measure_in_child(connection) -> None:
+    default = _page_faults_per_10_batches()
+    kept = _page_faults_per_10_batches() if keep_freed_memory() else -1
+    connection.send((default, kept))
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc, fork")
 def test_workers_malloc_keeps_freed_memory() -> None:
     """By default glibc hands image-sized blocks back to the kernel, so the next item faults its memory in again,
-    page by page (the kernel's count of minor page faults shows it); after keep_freed_memory() it reuses them."""
-    result = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True, check=True)
-    default, kept = (int(v) for v in result.stdout.split())
+    page by page (the kernel's count of minor page faults shows it); after keep_freed_memory() it reuses them.
+    Measured in a forked child, as a loader worker is one, so this process's malloc stays as it is."""
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_measure_in_child, args=(sender,))
+    child.start()
+    default, kept = receiver.recv()
+    child.join()
     assert kept != -1, "mallopt unavailable"
     assert kept < 100 <= default, (default, kept)
