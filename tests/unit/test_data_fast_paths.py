@@ -3,7 +3,7 @@ against the two-step path, the ImageStore methods it reads pictures through, and
 
 from __future__ import annotations
 
-import multiprocessing
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +24,6 @@ from detector.data.augment import (
     build_train_transforms,
 )
 from detector.data.dataset import YOLODataset, long_side_shape
-from detector.data.loader import keep_freed_memory
 from detector.data.media import read_image, read_size
 
 SIZE = 64  # training size of the fake sources: pictures have a long side of 64
@@ -307,8 +306,13 @@ def test_ram_cached_store_gives_the_same_items(photos: Path) -> None:
 # Workers' malloc
 
 
-def _item() -> np.ndarray:
-    """The arrays of one 640 px item: picture, output, HSV copy and planes, flip, then the CHW tensor it returns."""
+# Run in a fresh interpreter: glibc raises its mmap threshold as a process frees large blocks, so a long-lived
+# process (a pytest worker after many tests) may already keep its memory and would show no difference.
+_MEASURE = """
+import resource, numpy as np
+from detector.data.loader import keep_freed_memory
+
+def item():  # the arrays of one 640 px item: picture, output, HSV copy and planes, flip, the CHW tensor returned
     picture, out = np.ones((480, 640, 3), np.uint8), np.ones((640, 640, 3), np.uint8)
     del picture
     hsv = out + 1
@@ -318,34 +322,26 @@ def _item() -> np.ndarray:
     del out, flipped
     return np.ones((3, 640, 640), np.uint8)
 
-
-def _page_faults_per_10_batches() -> int:
-    import resource  # Unix only
-
+def faults_per_10_batches():
     for _ in range(2):  # warm up
-        np.stack([_item() for _ in range(4)])
+        np.stack([item() for _ in range(4)])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):
-        np.stack([_item() for _ in range(4)])
+        np.stack([item() for _ in range(4)])
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-
-def _measure_in_child(connection) -> None:
-    default = _page_faults_per_10_batches()
-    kept = _page_faults_per_10_batches() if keep_freed_memory() else -1
-    connection.send((default, kept))
+default = faults_per_10_batches()
+print(default, faults_per_10_batches() if keep_freed_memory() else -1)
+"""
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc, fork")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_workers_malloc_keeps_freed_memory() -> None:
     """By default glibc hands image-sized blocks back to the kernel, so the next item faults its memory in again,
     page by page (the kernel's count of minor page faults shows it); after keep_freed_memory() it reuses them.
-    Measured in a forked child, as a loader worker is one, so this process's malloc stays as it is."""
-    context = multiprocessing.get_context("fork")
-    receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_measure_in_child, args=(sender,))
-    child.start()
-    default, kept = receiver.recv()
-    child.join()
+    Measured in a fresh interpreter, so this process's malloc stays as it is."""
+    result = subprocess.run([sys.executable, "-c", _MEASURE], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    default, kept = (int(value) for value in result.stdout.split())
     assert kept != -1, "mallopt unavailable"
     assert kept < 100 <= default, (default, kept)
