@@ -231,6 +231,10 @@ def _seed_worker(worker_id: int) -> None:
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+try:  # loaded here, in the parent: dlopen in a worker forked from a multi-threaded process can deadlock
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
+except OSError:
+    _LIBC = None
 
 
 def keep_freed_memory(largest_block: int = 64 << 20) -> bool:
@@ -242,13 +246,9 @@ def keep_freed_memory(largest_block: int = 64 << 20) -> bool:
     640 px item. A loader worker holds a few images at a time, so its memory stays small. Returns False where
     there is no glibc (macOS, musl): nothing changes there.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(
-            libc.mallopt(_M_MMAP_THRESHOLD, largest_block) and libc.mallopt(_M_TRIM_THRESHOLD, 4 * largest_block)
-        )
-    except (OSError, AttributeError):
+    if _LIBC is None or not hasattr(_LIBC, "mallopt"):
         return False
+    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, largest_block) and _LIBC.mallopt(_M_TRIM_THRESHOLD, 4 * largest_block))
 
 
 def worker_count(requested: int, batch_size: int, world_size: int = 1) -> int:
