@@ -75,13 +75,3 @@ def read_image(path: str | os.PathLike, *, reduce: int = 1) -> np.ndarray:
     if image is None:
         raise DataError(f"{name}: not a decodable image (corrupt, or a format OpenCV cannot read)")
     return image
-    try:
-        data = np.fromfile(name, dtype=np.uint8)
-    except OSError as e:
-        raise DataError(f"{name}: image file cannot be read ({e.strerror or e})") from e
-    if data.size == 0:
-        raise DataError(f"{name}: image file is empty (0 bytes)")
-    image = cv2.imdecode(data, flag)
-    if image is None:
-        raise DataError(f"{name}: not a decodable image (corrupt, or a format OpenCV cannot read)")
-    return image

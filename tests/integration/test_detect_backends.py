@@ -129,6 +129,7 @@ def test_onnx_without_names_takes_them_from_data_yaml(
     assert load_backend(path, data=data).names == ["a", "b", "c"]
 
 
+@pytest.mark.fresh_process  # compiles with OpenVINO (tests/conftest.py)
 def test_openvino_backend(tmp_path: Path, tiny_model: DetectionModel, images: torch.Tensor) -> None:
     import openvino
 
@@ -260,6 +261,7 @@ def test_predictor_gives_the_same_results_for_every_format(
     assert (fixed.boxes[:, [0, 2]] <= 180).all() and (fixed.boxes[:, [1, 3]] <= 120).all()  # original pixels
 
 
+@pytest.mark.fresh_process  # compiles with OpenVINO (tests/conftest.py)
 def test_the_exporters_files_load_and_match(tmp_path: Path, tiny_model: DetectionModel, images: torch.Tensor) -> None:
     from detector import export
     from detector.ops.nms import non_max_suppression

@@ -86,6 +86,7 @@ def _openvino_model(folder: Path) -> object:
 
 
 @pytest.mark.slow
+@pytest.mark.fresh_process  # compiles with OpenVINO (tests/conftest.py)
 def test_export_script_writes_every_cpu_format_and_each_matches_pytorch(
     yolov5n_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -150,6 +151,7 @@ def test_onnx_nms_with_dynamic_batch_equals_python_nms(tiny_model: DetectionMode
     assert total > 20  # real detections were compared, not empty outputs
 
 
+@pytest.mark.fresh_process  # compiles with OpenVINO (tests/conftest.py)
 def test_half_exports_with_nms_and_dynamic(tiny_model: DetectionModel, tmp_path: Path) -> None:
     """--half with --nms and --dynamic together (YOLOv5 cannot): fp16 graph, float32 NMS outputs."""
     options = {"imgsz": (64, 64), "dynamic": True, "half": True, "conf_thres": 0.3, "project": str(tmp_path)}
@@ -249,6 +251,7 @@ def test_onnx_nms_gives_the_pt_detections_on_bus(yolov5n_weights: Path, shared_i
     torch.testing.assert_close(with_nms[:, :5], pt[:, :5], atol=0.1, rtol=1e-3)
 
 
+@pytest.mark.fresh_process  # compiles with OpenVINO (tests/conftest.py)
 def test_nms_is_said_not_in_graph_for_formats_that_cannot_hold_it(tiny_model: DetectionModel, tmp_path: Path) -> None:
     """--nms with TorchScript/OpenVINO: those files stay raw, and the results table says so on their rows."""
     from detector.engine.backends import load_backend
@@ -296,6 +299,7 @@ def test_nms_check_without_data_runs_on_builtin_images_and_never_passes_empty(
     assert Exporter(raw).run(blind)[0].ok  # raw predictions are still checked, on the same real images
 
 
+@pytest.mark.fresh_process  # compiles with OpenVINO (tests/conftest.py)
 def test_int8_that_cannot_run_is_reported_skipped_with_the_reason(
     tiny_model: DetectionModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -317,6 +321,7 @@ def test_int8_that_cannot_run_is_reported_skipped_with_the_reason(
 
 
 @pytest.mark.slow
+@pytest.mark.fresh_process  # compiles with OpenVINO (tests/conftest.py)
 def test_openvino_int8_with_nncf_loads_and_detects_on_bus(
     yolov5n_weights: Path, shared_images: Path, tmp_path: Path
 ) -> None:

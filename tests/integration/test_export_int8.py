@@ -23,6 +23,7 @@ from detector.export.base import validation_images
 from detector.models.yolo import DetectionModel
 
 pytestmark = [
+    pytest.mark.fresh_process,  # compiles with OpenVINO (tests/conftest.py)
     pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
