@@ -71,7 +71,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
                 **common, outcome=outcome, longrepr=longrepr, when="call", duration=stop - start, start=start, stop=stop
             )
         )
-    reports.append(TestReport(**common, outcome="passed", longrepr=None, when="teardown", start=stop, stop=stop))
+    # What pytest's teardown phase does besides this item's own fixtures (it had none here): tear down those of
+    # earlier tests (module, class scope) that ``nextitem`` does not need.
+    try:
+        item.session._setupstate.teardown_exact(nextitem)
+        reports.append(TestReport(**common, outcome="passed", longrepr=None, when="teardown", start=stop, stop=stop))
+    except Exception as e:
+        reports.append(TestReport(**common, outcome="failed", longrepr=repr(e), when="teardown", start=stop, stop=stop))
     for report in reports:
         item.ihook.pytest_runtest_logreport(report=report)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)

@@ -73,9 +73,12 @@ def inference_precision(half: bool) -> str:
     compute on x86 without AVX512-FP16, and emulated bf16 is slower than f32)."""
     from detector.utils.torch_utils import cpu_has_native_bf16
 
-    if half and not cpu_has_native_bf16():
-        LOGGER.warning("WARNING: this CPU has no native bfloat16 (AVX512-BF16 or AMX); OpenVINO runs in f32")
-    return "bf16" if half and cpu_has_native_bf16() else "f32"
+    if not half:
+        return "f32"
+    if cpu_has_native_bf16():
+        return "bf16"
+    LOGGER.warning("WARNING: this CPU has no native bfloat16 (AVX512-BF16 or AMX); OpenVINO runs in f32")
+    return "f32"
 
 
 def _xml_file(weights: Path) -> Path:
