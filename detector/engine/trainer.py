@@ -680,6 +680,8 @@ class Trainer:
         if self.amp_dtype is not None and not check_amp(self.model, self.device, self.amp_dtype):
             LOGGER.warning("AMP check failed: %s autocast gives wrong results here; training in fp32", self.amp_dtype)
             self.amp_dtype = None
+        precision = {None: "fp32", torch.float16: "fp16 autocast", torch.bfloat16: "bf16 autocast"}[self.amp_dtype]
+        LOGGER.info("AMP: --amp %s trains in %s", self.config.amp, precision)
         use_scaler = self.amp_dtype == torch.float16  # bf16 has fp32's range: no loss scaling needed
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
 
