@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from side_tasks import add_measuring_tasks  # scripts/, this script's folder
+
 RESULT_PREFIX = "BENCHMARK-RESULT "
 
 
@@ -41,30 +43,12 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     tasks = parser.add_subparsers(dest="task", required=True)
-    train = tasks.add_parser("train", help="train.py's command with the epoch timed")
-    train.add_argument("flags", nargs=argparse.REMAINDER)
-    loader = tasks.add_parser("loader", help="training loader images/s")
-    loader.add_argument("--images", required=True, help="training images folder (labels in ../labels)")
-    loader.add_argument("--img", type=int, required=True)
-    loader.add_argument("--workers", type=int, required=True)
-    loader.add_argument("--classes", type=int, required=True, help="the data set's class count")
-    loader.add_argument("--batch", type=int, default=16)
-    loader.add_argument("--batches", type=int, default=20, help="timed batches")
-    loader.add_argument("--warmup-batches", type=int, default=2)
-    for name in ("forward", "onnx"):
-        task = tasks.add_parser(name, help=f"{name} latency")
-        source = task.add_mutually_exclusive_group(required=True)
-        source.add_argument("--weights", help="a .pt file (ours or YOLOv5's)")
-        source.add_argument("--cfg", help="a model YAML, e.g. yolov5s.yaml: random weights (seed 0)")
-        task.add_argument("--img", type=int, required=True)
-        task.add_argument("--batch", type=int, default=1)
-        task.add_argument("--iters", type=int, default=20, help="timed calls; the figure is their median")
-        task.add_argument("--warmup-iters", type=int, default=3)
-        task.add_argument("--threads", type=int, default=0, help="torch (and ONNX Runtime) threads; 0 = default")
-        task.add_argument("--out", required=True, help="scratch folder (random weights, exported files)")
-    cache = tasks.add_parser("cache", help="build label scan caches")
-    cache.add_argument("--images", nargs="+", required=True)
-    cache.add_argument("--classes", type=int, required=True, help="the data set's class count (part of the key)")
+    add_measuring_tasks(
+        tasks,
+        weights_help="a .pt file (ours or YOLOv5's)",
+        out_help="scratch folder (random weights, exported files)",
+        classes=True,
+    )
     return parser
 
 

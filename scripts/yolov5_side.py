@@ -40,6 +40,8 @@ import types
 from pathlib import Path
 from typing import Any
 
+from side_tasks import add_measuring_tasks  # scripts/, this script's folder
+
 RESULT_PREFIX = "BENCHMARK-RESULT "
 
 
@@ -65,28 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     script = tasks.add_parser("script", help="run YOLOv5's NAME.py with FLAGS")
     script.add_argument("name", choices=("train", "val", "detect", "export"))
     script.add_argument("flags", nargs=argparse.REMAINDER)
-    train = tasks.add_parser("train", help="train.py's command with the epoch timed")
-    train.add_argument("flags", nargs=argparse.REMAINDER)
-    loader = tasks.add_parser("loader", help="training loader images/s")
-    loader.add_argument("--images", required=True, help="training images folder (labels in ../labels)")
-    loader.add_argument("--img", type=int, required=True)
-    loader.add_argument("--workers", type=int, required=True)
-    loader.add_argument("--batch", type=int, default=16)
-    loader.add_argument("--batches", type=int, default=20, help="timed batches")
-    loader.add_argument("--warmup-batches", type=int, default=2)
-    for name in ("forward", "onnx"):
-        task = tasks.add_parser(name, help=f"{name} latency")
-        source = task.add_mutually_exclusive_group(required=True)
-        source.add_argument("--weights", help="a YOLOv5 .pt file")
-        source.add_argument("--cfg", help="a model YAML, e.g. yolov5s.yaml: random weights (seed 0)")
-        task.add_argument("--img", type=int, required=True)
-        task.add_argument("--batch", type=int, default=1)
-        task.add_argument("--iters", type=int, default=20, help="timed calls; the figure is their median")
-        task.add_argument("--warmup-iters", type=int, default=3)
-        task.add_argument("--threads", type=int, default=0, help="torch (and ONNX Runtime) threads; 0 = default")
-        task.add_argument("--out", required=True, help="scratch folder (weights copies, exported files)")
-    cache = tasks.add_parser("cache", help="build label caches")
-    cache.add_argument("--images", nargs="+", required=True)
+    add_measuring_tasks(
+        tasks,
+        weights_help="a YOLOv5 .pt file",
+        out_help="scratch folder (weights copies, exported files)",
+        classes=False,
+    )
     return parser
 
 
