@@ -98,6 +98,7 @@ from detector.utils.torch_utils import (
     buffers_kept,
     cpu_has_native_bf16,
     describe_device,
+    half_precision_dtype,
     init_seeds,
     select_device,
     unwrap_model,
@@ -180,9 +181,9 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     """
     if mode == "off":
         return None
-    if mode == "auto" and device.type != "cuda":
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
-    if mode in ("auto", "fp16"):
+    if mode == "auto":
+        return half_precision_dtype(device)
+    if mode == "fp16":
         if device.type != "cuda":
             raise ConfigError(f"--amp fp16 needs a CUDA device (got {device}); on CPU use --amp bf16 or off")
         return torch.float16
