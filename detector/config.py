@@ -55,6 +55,7 @@ class Hyperparameters:
     anchor_t: float = 4.0  # anchor-multiple threshold for target matching and AutoAnchor
     anchors: float = 0.0  # anchors per output level; > 0 replaces the model's anchors (then AutoAnchor fits them)
     fl_gamma: float = 0.0  # focal loss gamma (0 = plain BCE; EfficientDet uses 1.5)
+    label_smoothing: float = 0.0  # class-target smoothing epsilon: targets 1 - eps/2 and eps/2 (--label-smoothing)
     distill: float = 0.0  # knowledge distillation from --teacher: gain of the distill loss term (0 = off)
     distill_t: float = 1.0  # distillation temperature: teacher and student logits divided by it (> 1 softens)
     hsv_h: float = 0.015  # hue augmentation (fraction)
@@ -150,7 +151,7 @@ class TrainConfig:
     cos_lr: bool = False  # alias of lr_schedule "cosine" (YOLOv5's --cos-lr)
     lr_schedule: str = "linear"  # LR per iteration: linear, cosine, onecycle, cosine-restarts, plateau (or registered)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # parameters of the learning-rate schedules
-    label_smoothing: float = 0.0  # label smoothing epsilon
+    label_smoothing: float = 0.0  # alias of hyp.label_smoothing (YOLOv5's --label-smoothing); when > 0 it wins
     class_weights: bool = False  # weight the class loss by inverse class frequency
     patience: int = 100  # early stopping after this many epochs without improvement (0 = never)
     freeze: tuple[int, ...] = (0,)  # freeze the first N layers (one number), or the listed layer indices
@@ -511,12 +512,22 @@ def resolve_train_config(flags: Mapping[str, Any], source: str = "command line")
         config = _resume_train_config(config, layers)
     elif is_builtin_data(config.data):
         config = build_config(TrainConfig, (str(BUILTIN_TRAIN_CONFIG), load_yaml(BUILTIN_TRAIN_CONFIG)), *layers)
+    return apply_aliases(config)
+
+
+def apply_aliases(config: TrainConfig) -> TrainConfig:
+    """YOLOv5's flags that name a key living elsewhere here, moved to that key: ``cos_lr`` -> ``lr_schedule:
+    cosine``, ``label_smoothing`` -> ``hyp.label_smoothing`` (the top-level key wins when > 0, as a flag does).
+    Idempotent; the Trainer applies it too, so a TrainConfig built by hand behaves as one from train.py."""
     if config.cos_lr and config.lr_schedule != "cosine":
         if config.lr_schedule != "linear":
             raise ConfigError(
                 f"--cos-lr is an alias of --lr-schedule cosine; it contradicts --lr-schedule {config.lr_schedule}"
             )
         config = dataclasses.replace(config, lr_schedule="cosine")
+    if config.label_smoothing:
+        hyp = dataclasses.replace(config.hyp, label_smoothing=config.label_smoothing)
+        config = dataclasses.replace(config, label_smoothing=0.0, hyp=hyp)
     return config
 
 
@@ -629,8 +640,9 @@ def check_train_config(config: TrainConfig) -> None:
             raise ConfigError(f"--{key}: expected 0 or more, got {getattr(config, key)}")
     if any(index < 0 for index in config.freeze):
         raise ConfigError(f"--freeze: expected layer counts or indices >= 0, got {list(config.freeze)}")
-    if not 0.0 <= config.label_smoothing < 1.0:
-        raise ConfigError(f"--label-smoothing: expected a value in [0, 1), got {config.label_smoothing}")
+    for smoothing in (config.label_smoothing, config.hyp.label_smoothing):
+        if not 0.0 <= smoothing < 1.0:
+            raise ConfigError(f"--label-smoothing (hyp label_smoothing): expected a value in [0, 1), got {smoothing}")
     for key in ("clip_grad", "clip_value", "sam", "sparsity"):
         if getattr(config, key) < 0:
             raise ConfigError(f"--{key.replace('_', '-')}: expected 0 (off) or more, got {getattr(config, key)}")

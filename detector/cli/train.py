@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--label-smoothing",
         type=float,
         dest="label_smoothing",
-        help="label smoothing epsilon" + _default("label_smoothing"),
+        help="label smoothing epsilon: class targets 1 - eps/2 and eps/2; sets hyp label_smoothing, which a --hyp "
+        "file may set instead" + _default("label_smoothing"),
     )
     add(
         "--patience",

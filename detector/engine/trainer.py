@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from detector.config import (
     TrainConfig,
     ValConfig,
+    apply_aliases,
     check_train_config,
     config_to_dict,
     resolve_train_config,
@@ -308,6 +309,7 @@ class Trainer:
         callbacks: Callbacks | Iterable[Callback] | None = None,
     ) -> None:
         self.started = self.clock()  # --time counts from here: data set-up and the final validation included
+        config = apply_aliases(config)
         check_train_config(config)
         schedule_class(config.lr_schedule)  # an unknown schedule is refused before any work
         check_loggers(config.logger)  # so is an unknown --logger, or one whose package is missing
@@ -495,7 +497,7 @@ class Trainer:
         if self.config.class_weights:
             class_weights = labels_to_class_weights(self._dataset_labels("--class-weights"), len(self.names))
             class_weights = class_weights * len(self.names)
-        return DetectionLoss(self.model, hyp, self.config.label_smoothing, class_weights)
+        return DetectionLoss(self.model, hyp, hyp.label_smoothing, class_weights)
 
     def build_distillation(self, loss: LossFunction) -> DistillationLoss:
         """``loss`` plus the ``distill`` term of ``--teacher`` at ``hyp.distill``, its parts weighted by the detection

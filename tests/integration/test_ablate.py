@@ -69,14 +69,14 @@ def test_tiny_ablation_through_the_script_and_resume(tiny, tmp_path):
         ("label-smoothing", "0", "ok"),
         ("label-smoothing", "1", "ok"),
     ]
-    assert {row["overrides"] for row in rows if row["trick"] == "label-smoothing"} == {"label_smoothing=0.1"}
+    assert {row["overrides"] for row in rows if row["trick"] == "label-smoothing"} == {"hyp.label_smoothing=0.1"}
     assert any(float(row["mAP50"]) > 0 for row in rows), "the premise: some run finds objects"
     check_rows_match_runs(folder, rows)
     config = (folder / "label-smoothing" / "seed1" / "config.yaml").read_text()
     assert "label_smoothing: 0.1" in config and "seed: 1" in config
 
     markdown = (folder / "ablation.md").read_text()
-    assert "| baseline |" in markdown and "| label-smoothing | `label_smoothing=0.1` | 2/2 |" in markdown
+    assert "| baseline |" in markdown and "| label-smoothing | `hyp.label_smoothing=0.1` | 2/2 |" in markdown
     assert "spread = half the min-max range" in markdown and "scripts/ablate.py --tricks label-smoothing" in markdown
     assert (folder / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -30,6 +30,7 @@ EXPECTED_DEFAULT = {
     "anchor_t": (2.0, 8.0, "linear", None),
     "anchors": (2.0, 10.0, "linear", False),
     "fl_gamma": (0.0, 2.0, "linear", None),
+    "label_smoothing": (0.0, 0.2, "linear", None),
     "distill": (0.1, 4.0, "linear", None),
     "distill_t": (1.0, 8.0, "linear", False),
     "hsv_h": (0.0, 0.1, "linear", None),
@@ -83,6 +84,7 @@ def test_default_hyp_evolves_its_nonzero_keys_except_the_frozen_ones():
         "drop_path",
         "dropout",
         "distill",
+        "label_smoothing",
     }
     expected = tuple(key for key in EXPECTED_DEFAULT if key not in zero | {"iou_t", "min_visibility", "distill_t"})
     assert space.evolved_keys(start) == expected
