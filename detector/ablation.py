@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from detector.config import (
-    HYP_CONFIG_DIR,
     TrainConfig,
     build_config,
     check_train_config,
@@ -123,14 +122,6 @@ def _close_mosaic(base: TrainConfig) -> Overrides:
 
 def _double_weight_decay(base: TrainConfig) -> Overrides:
     return {"hyp.weight_decay": 2 * base.hyp.weight_decay}
-
-
-def preset_overrides(name: str, reference: str = "hyp.scratch-low.yaml") -> Overrides:
-    """The keys in which hyp file ``name`` differs from hyp file ``reference``, as ``hyp.<key>`` overrides. On a
-    baseline trained with ``--hyp <reference>`` this is exactly swapping the file; on another baseline (the
-    built-in recipe's AdamW rates, say) it applies what the preset changes and keeps the baseline's other keys."""
-    preset, base = load_yaml(HYP_CONFIG_DIR / name), load_yaml(HYP_CONFIG_DIR / reference)
-    return {f"hyp.{key}": value for key, value in preset.items() if base.get(key) != value}
 
 
 register_trick("mosaic-off", "no mosaic: every sample is one image", "hyp mosaic: 0", {"hyp.mosaic": 0.0})
@@ -248,13 +239,6 @@ register_trick(
 )
 register_trick(
     "acnet", "ACNet: 1x3 and 3x1 branches on every 3x3 Conv, folded for inference", "--acnet", {"acnet": True}
-)
-# Hyp presets, as what they change in scratch-low (YOLOv5's default): the optimizer keys are the same in both.
-register_trick(
-    "scratch-detector",
-    "what our preset changes in hyp.scratch-low.yaml (with --hyp hyp.scratch-low.yaml: swapping the file)",
-    "--hyp hyp.scratch-detector.yaml",
-    lambda base: preset_overrides("hyp.scratch-detector.yaml"),
 )
 
 

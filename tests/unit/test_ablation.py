@@ -31,7 +31,7 @@ from detector.ablation import (
     variant_config,
     verdict,
 )
-from detector.config import TrainConfig, check_train_config, resolve_train_config
+from detector.config import TrainConfig, check_train_config
 from detector.errors import ConfigError
 
 HAS_POLICIES = importlib.util.find_spec("detector.data.policies") is not None
@@ -78,20 +78,6 @@ def test_relative_tricks_follow_the_baseline():
     assert TRICKS["weight-decay"].resolve(base) == {"hyp.weight_decay": 0.002}
     assert TRICKS["close-mosaic"].resolve(base) == {"close_mosaic": 4}  # 10% of the epochs
     assert TRICKS["close-mosaic"].resolve(dataclasses.replace(base, epochs=3)) == {"close_mosaic": 1}  # at least 1
-
-
-def test_the_preset_trick_equals_swapping_the_hyp_file():
-    flags = {"data": "my.yaml", "epochs": 30, "optimizer": "AdamW"}
-    low = resolve_train_config({**flags, "hyp": "hyp.scratch-low.yaml"})
-    ours = resolve_train_config({**flags, "hyp": "hyp.scratch-detector.yaml"})
-    overrides = TRICKS["scratch-detector"].resolve(low)
-    assert overrides and all(key.startswith("hyp.") for key in overrides)  # only the keys that differ
-    assert variant_config(low, "scratch-detector", overrides, None) == ours
-    # On the built-in recipe (AdamW at lr0 0.004) the preset changes augmentation and loss keys, not the rates.
-    builtin = resolve_train_config({"epochs": 30})
-    variant = variant_config(builtin, "scratch-detector", overrides, None)
-    assert (variant.hyp.lr0, variant.hyp.momentum) == (builtin.hyp.lr0, builtin.hyp.momentum) == (0.004, 0.9)
-    assert variant.hyp == dataclasses.replace(ours.hyp, lr0=0.004, momentum=0.9, warmup_epochs=1.0)
 
 
 def test_the_activation_trick_derives_the_model_yaml_from_cfg(tmp_path):

@@ -176,15 +176,13 @@ def test_load_yaml_errors_are_one_line(tmp_path: Path) -> None:
 
 
 HYP_FILES = sorted(p.name for p in HYP_CONFIG_DIR.glob("hyp.*.yaml"))
-OUR_HYP_FILES = ["hyp.scratch-detector.yaml"]  # our presets: YOLOv5's keys plus ours
-OPTIMIZER_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr")
 
 
-def test_the_four_yolov5_hyp_files_and_ours_are_present() -> None:
-    assert sorted([*YOLOV5_HYP_VALUES, *OUR_HYP_FILES]) == HYP_FILES
+def test_the_four_yolov5_hyp_files_are_present() -> None:
+    assert sorted(YOLOV5_HYP_VALUES) == HYP_FILES
 
 
-@pytest.mark.parametrize("name", sorted(YOLOV5_HYP_VALUES))
+@pytest.mark.parametrize("name", HYP_FILES)
 def test_hyp_file_has_yolov5_keys_and_values(name: str) -> None:
     raw = load_yaml(HYP_CONFIG_DIR / name)
     assert set(raw) == YOLOV5_HYP_KEYS, set(raw) ^ YOLOV5_HYP_KEYS
@@ -193,18 +191,6 @@ def test_hyp_file_has_yolov5_keys_and_values(name: str) -> None:
         assert getattr(hyp, key) == pytest.approx(value), key
     # Keys absent from YOLOv5's files keep our defaults.
     assert hyp.mosaic9 == 0.0 and hyp.anchors == 0.0
-
-
-@pytest.mark.parametrize("name", OUR_HYP_FILES)
-def test_our_preset_has_every_yolov5_key_and_scratch_lows_optimizer(name: str) -> None:
-    """A user who swaps hyp.scratch-low.yaml for our preset keeps every YOLOv5 key set (none falls back to a default
-    of ours) and scratch-low's learning rates, momentum, decay and warmup: the preset changes the augmentation and
-    the loss, so it suits the same optimizer (SGD) and its numbers stay comparable."""
-    raw = load_yaml(HYP_CONFIG_DIR / name)
-    assert set(raw) >= YOLOV5_HYP_KEYS, YOLOV5_HYP_KEYS - set(raw)
-    preset, low = load_hyp(name), load_hyp("hyp.scratch-low.yaml")
-    assert {key: getattr(preset, key) for key in OPTIMIZER_KEYS} == {key: getattr(low, key) for key in OPTIMIZER_KEYS}
-    assert preset != low  # a preset that changes nothing is no preset
 
 
 def test_load_hyp_accepts_a_path_and_rejects_typos(tmp_path: Path) -> None:
@@ -264,9 +250,11 @@ def test_label_smoothing_flag_and_old_top_level_key_are_aliases_of_the_hyp_key(t
     """--label-smoothing (YOLOv5's flag, and the top-level key of earlier configs and checkpoints) sets
     hyp.label_smoothing, which is what the loss reads; a flag > 0 wins over a --hyp file, as flags do."""
     assert resolve_train_config({"data": "my.yaml", "label_smoothing": 0.1}).hyp.label_smoothing == 0.1
-    preset = resolve_train_config({"data": "my.yaml", "hyp": "hyp.scratch-detector.yaml"})
-    assert (preset.hyp.label_smoothing, preset.label_smoothing) == (0.1, 0.0)
-    flag = resolve_train_config({"data": "my.yaml", "hyp": "hyp.scratch-detector.yaml", "label_smoothing": 0.05})
+    preset = tmp_path / "hyp.smooth.yaml"
+    preset.write_text("label_smoothing: 0.1\nmixup: 0.0\n")
+    from_file = resolve_train_config({"data": "my.yaml", "hyp": str(preset)})
+    assert (from_file.hyp.label_smoothing, from_file.label_smoothing) == (0.1, 0.0)
+    flag = resolve_train_config({"data": "my.yaml", "hyp": str(preset), "label_smoothing": 0.05})
     assert (flag.hyp.label_smoothing, flag.label_smoothing) == (0.05, 0.0)
     assert apply_aliases(flag) == flag  # idempotent
     with pytest.raises(ConfigError, match=r"--label-smoothing \(hyp label_smoothing\): expected a value in \[0, 1\)"):
