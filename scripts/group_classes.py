@@ -18,13 +18,12 @@ objects dropped. The output holds ``data.yaml`` (train and val of the source, sa
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import yaml
+from hide_labels import image_pairs, place  # scripts/hide_labels.py: the same walk over a split, the same links
 
-from detector.data.dataset import find_images, image_to_label_path
 from detector.data.dataset_config import load_dataset_config
 from detector.errors import DetectorError
 
@@ -84,19 +83,15 @@ def group_classes(data_yaml: str, out: Path, groups: list[str]) -> dict[str, int
     names, mapping = parse_groups(groups, len(data.names))
     if out.exists() and any(out.iterdir()):
         raise DetectorError(f"--out {out}: exists and is not empty")
-    label_root = data.root / data.labels if data.labels else None
     description: dict = {"path": str(out.resolve())}
     counts = {}
     for split, sources in (("train", data.train), ("val", data.val)):
-        images = find_images(list(sources))
-        for image, folder in images:
-            relative = image.relative_to(folder) if folder is not None else Path(image.name)
-            target = out / "images" / split / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(image.resolve(), target)
+        images = image_pairs(data, sources)
+        for image, source_label, relative in images:
+            place(image, out / "images" / split / relative, copy=False)
             label = (out / "labels" / split / relative).with_suffix(".txt")
             label.parent.mkdir(parents=True, exist_ok=True)
-            label.write_text(rewrite(image_to_label_path(image, label_root, folder), mapping), encoding="utf-8")
+            label.write_text(rewrite(source_label, mapping), encoding="utf-8")
         description[split] = f"images/{split}"
         counts[split] = len(images)
     description["names"] = dict(enumerate(names))

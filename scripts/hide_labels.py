@@ -54,9 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def training_pairs(data: DatasetConfig) -> list[tuple[Path, Path, Path]]:
     """(image, its label file, its path inside the output's image folders) of every training image."""
+    return image_pairs(data, data.train)
+
+
+def image_pairs(data: DatasetConfig, sources) -> list[tuple[Path, Path, Path]]:
+    """(image, its label file, its path inside the output's image folders) of every image of ``sources``."""
     label_root = data.root / data.labels if data.labels else None
     pairs = []
-    for image, folder in find_images(list(data.train)):
+    for image, folder in find_images(list(sources)):
         relative = image.relative_to(folder) if folder is not None else Path(image.name)
         pairs.append((image, image_to_label_path(image, label_root, folder), relative))
     names = [relative for *_, relative in pairs]
