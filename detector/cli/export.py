@@ -46,7 +46,8 @@ FLAGS: list[tuple[tuple[str, ...], dict[str, Any], str]] = [
         ("--int8",),
         {"action": "store_true"},
         "ONNX (ONNX Runtime static quantization) and OpenVINO (NNCF, pip install nncf): int8 convolutions "
-        "calibrated on --data's val images, the Detect decode kept in float; other formats, or no nncf: the table "
+        "calibrated on --data's val images, the Detect decode (and for OpenVINO the first convolution) kept in "
+        "float; other formats, or no nncf: the table "
         "says int8 skipped, and why",
     ),
     (

@@ -7,6 +7,8 @@ ONNX (:func:`detector.export.onnx.quantize_onnx`, ONNX Runtime's static quantiza
 and both leave the decode (:func:`split_graph`) out of the quantization. The decode turns the head's logits into
 ``(B, N, 5 + nc)`` predictions - sigmoid, grid offsets and anchor sizes in input pixels - and its tensors hold
 coordinates up to the input size: with 256 levels a 640-pixel range is 2.5 pixels a step, which moves every box.
+OpenVINO also leaves the stem (the convolution reading the image) in float: with NNCF that wins back most of the
+int8 loss; with ONNX Runtime it did not help, so its stem is quantized.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class GraphSplit(NamedTuple):
 
     head: set[str]  # the Detect head's convolutions: those no other convolution depends on
     decode: set[str]  # everything downstream of them or feeding only the decode (grids): kept in float
+    stem: set[str]  # the convolutions that read the image: no other convolution is upstream of them
 
 
 def split_graph(inputs_of: Mapping[str, Sequence[str]], convolutions: Collection[str]) -> GraphSplit:
@@ -46,10 +49,12 @@ def split_graph(inputs_of: Mapping[str, Sequence[str]], convolutions: Collection
     ``inputs_of`` maps every node of the graph to the nodes whose outputs it reads; ``convolutions`` names its
     convolutions. The trunk is the head convolutions and everything upstream of them; all else is the decode: the
     arithmetic after the head convolutions, the grid computation feeding it, and an NMS block when there is one.
+    The stem is the convolutions with no convolution upstream (YOLOv5's first 6x6 one).
     """
     head = set(convolutions) - _upstream(inputs_of, convolutions)
     trunk = _upstream(inputs_of, head) | head
-    return GraphSplit(head, set(inputs_of) - trunk)
+    stem = {conv for conv in convolutions if not _upstream(inputs_of, [conv]) & set(convolutions)}
+    return GraphSplit(head, set(inputs_of) - trunk, stem)
 
 
 def _upstream(inputs_of: Mapping[str, Sequence[str]], nodes: Collection[str]) -> set[str]:

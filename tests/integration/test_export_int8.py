@@ -152,7 +152,10 @@ def test_openvino_int8_quantizes_the_convolutions_keeps_the_decode_float_and_mat
         if kinds[op.get_friendly_name()] == "Constant" and op.get_element_type() == openvino.Type.i8
     }
     convolutions = {n for n, kind in kinds.items() if kind == "Convolution"}
-    for conv in convolutions:  # NNCF: a quantized activation ...
+    stem = {conv for conv in convolutions if kinds[inputs_of[conv][0]] == "Parameter"}
+    assert len(stem) == 1  # the first convolution reads the image itself, in float, with float weights
+    assert not _decode_and_head(inputs_of, inputs_of[next(iter(stem))][1], set())[0] & int8_constants
+    for conv in convolutions - stem:  # NNCF: a quantized activation ...
         activation, weight = inputs_of[conv]
         assert _reads_quantized(activation, inputs_of, kinds), conv
         # ... and int8 weights: an i8 constant, dequantized
