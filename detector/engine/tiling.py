@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 from torch import Tensor
 
 from detector.errors import ConfigError
+from detector.ops.boxes import box_iou
+from detector.ops.torchvision_kernels import batched_nms
 from detector.utils.checks import check_threshold
 
 MIN_TILE = 32  # the largest stride of the YOLOv5 models: a smaller tile holds less than one output cell
@@ -123,12 +124,13 @@ def box_ios(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
     top_left = torch.max(boxes1_xyxy[:, None, :2], boxes2_xyxy[None, :, :2])
     bottom_right = torch.min(boxes1_xyxy[:, None, 2:], boxes2_xyxy[None, :, 2:])
     intersection = (bottom_right - top_left).clamp(min=0).prod(2)
-    area1, area2 = torchvision.ops.box_area(boxes1_xyxy), torchvision.ops.box_area(boxes2_xyxy)
+    area1 = (boxes1_xyxy[:, 2] - boxes1_xyxy[:, 0]) * (boxes1_xyxy[:, 3] - boxes1_xyxy[:, 1])
+    area2 = (boxes2_xyxy[:, 2] - boxes2_xyxy[:, 0]) * (boxes2_xyxy[:, 3] - boxes2_xyxy[:, 1])
     smaller = torch.min(area1[:, None], area2[None, :])
     return intersection / smaller.clamp(min=torch.finfo(smaller.dtype).tiny)
 
 
-MATCH_FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"iou": torchvision.ops.box_iou, "ios": box_ios}
+MATCH_FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"iou": box_iou, "ios": box_ios}
 
 
 def match_owners(
@@ -188,7 +190,7 @@ def nms_merge(
 
     Args:
         detections: (N, 6) float ``[x1, y1, x2, y2, conf, class]`` in one image's pixels.
-        match: "iou" (``torchvision.ops.batched_nms``) or "ios" (intersection over the smaller box).
+        match: "iou" (batched NMS) or "ios" (intersection over the smaller box).
         thres: boxes match when their IoU/IoS exceeds this.
         agnostic: match boxes of any classes, not only of the same class.
         max_det: keep at most this many (the most confident); None keeps all.
@@ -198,7 +200,7 @@ def nms_merge(
     """
     if match == "iou":
         groups = _groups(detections, agnostic).to(detections.device)
-        return detections[torchvision.ops.batched_nms(detections[:, :4], detections[:, 4], groups, thres)][:max_det]
+        return detections[batched_nms(detections[:, :4], detections[:, 4], groups, thres)][:max_det]
     owners = match_owners(detections[:, :4], detections[:, 4], _groups(detections, agnostic), match, thres, max_det)
     kept = (owners == torch.arange(len(owners))).nonzero().flatten().to(detections.device)
     return _by_score(detections[kept])

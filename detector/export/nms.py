@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 from torch import Tensor, nn
 
 from detector.config import ExportConfig
 from detector.ops.nms import non_max_suppression
+from detector.ops.torchvision_kernels import batched_nms
 
 NMS_OUTPUT_NAMES = ("num_dets", "det_boxes", "det_scores", "det_classes")
 NMS_FLAVORS = ("onnx", "tensorrt")
@@ -72,7 +72,7 @@ class _OnnxNonMaxSuppression(torch.autograd.Function):
         for image in range(batch_size):
             class_index, box_index = (scores[image] > score_threshold).nonzero(as_tuple=True)
             candidate_scores = scores[image, class_index, box_index]
-            keep = torchvision.ops.batched_nms(boxes[image, box_index], candidate_scores, class_index, iou_threshold)
+            keep = batched_nms(boxes[image, box_index], candidate_scores, class_index, iou_threshold)
             class_index, box_index = class_index[keep], box_index[keep]  # by descending score
             for cls in range(num_classes):
                 in_class = box_index[class_index == cls][:max_per_class]

@@ -9,7 +9,6 @@ validation, export and a later ``load_model`` see the plain model. The trainer s
 from __future__ import annotations
 
 from torch import nn
-from torchvision.ops import StochasticDepth
 
 from detector.models.blocks import Bottleneck
 
@@ -24,6 +23,8 @@ def set_stochastic_depth(model: nn.Module, rate: float) -> list[float]:
     """
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"stochastic depth rate must be in [0, 1), got {rate}")
+    from torchvision.ops import StochasticDepth  # here: importing torchvision costs ~1.4 s (ops.torchvision_kernels)
+
     blocks = [module for module in model.modules() if isinstance(module, Bottleneck) and module.add]
     rates = [rate * (index + 1) / len(blocks) for index in range(len(blocks))]
     for block, probability in zip(blocks, rates, strict=True):

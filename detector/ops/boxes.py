@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import torch
-import torchvision
 from torch import Tensor
 
 Boxes = Tensor | np.ndarray
@@ -95,8 +94,14 @@ def scale_boxes(
 
 
 def box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
-    """Pairwise IoU of pixel xyxy boxes: (N, 4) x (M, 4) -> (N, M). Delegates to torchvision."""
-    return torchvision.ops.box_iou(boxes1_xyxy, boxes2_xyxy)
+    """Pairwise IoU of pixel xyxy boxes: (N, 4) x (M, 4) -> (N, M), as ``torchvision.ops.box_iou`` (tested equal);
+    written out here so that importing this module does not import torchvision (see ``ops.torchvision_kernels``)."""
+    area1 = (boxes1_xyxy[:, 2] - boxes1_xyxy[:, 0]) * (boxes1_xyxy[:, 3] - boxes1_xyxy[:, 1])
+    area2 = (boxes2_xyxy[:, 2] - boxes2_xyxy[:, 0]) * (boxes2_xyxy[:, 3] - boxes2_xyxy[:, 1])
+    top_left = torch.max(boxes1_xyxy[:, None, :2], boxes2_xyxy[:, :2])
+    bottom_right = torch.min(boxes1_xyxy[:, None, 2:], boxes2_xyxy[:, 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(2)
+    return intersection / (area1[:, None] + area2 - intersection)
 
 
 def bbox_ciou(boxes1_xywh: Tensor, boxes2_xywh: Tensor, eps: float = 1e-7) -> Tensor:

@@ -1,4 +1,4 @@
-"""Non-maximum suppression of decoded YOLO predictions, on top of ``torchvision.ops.nms``.
+"""Non-maximum suppression of decoded YOLO predictions, on top of torchvision's NMS kernel.
 
 Input rows are ``[xc, yc, w, h, objectness, class scores...]`` (pixels, sigmoids already applied), as
 ``DetectionModel`` returns in eval mode. A box's confidence for a class is ``objectness * class_score``
@@ -13,10 +13,10 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
-import torchvision
 from torch import Tensor
 
 from detector.ops.boxes import xywh2xyxy
+from detector.ops.torchvision_kernels import nms
 from detector.utils.checks import check_threshold
 
 NMS_CALL_ROWS = 256  # rows per torchvision NMS call when packing small (image, class) groups; 64-1024 all do well
@@ -156,7 +156,7 @@ def _grouped_nms(image_index: Tensor, candidates: Tensor, iou_thres: float, num_
     boxes += (group_rank.double() * span)[:, None]
     scores = candidates[by_group, 4].double()
     kept = [
-        torchvision.ops.nms(boxes[start:end], scores[start:end], iou_thres) + start
+        nms(boxes[start:end], scores[start:end], iou_thres) + start
         for start, end in _pack(sizes.tolist(), NMS_CALL_ROWS)
     ]
     return torch.sort(by_group[torch.cat(kept)]).values

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -161,3 +163,47 @@ def test_matches_torchvision_batched_nms_per_image() -> None:
         assert len(keep) == len(ours)
         torch.testing.assert_close(ours[:, :4], boxes[keep])
         torch.testing.assert_close(ours[:, 5], cls[keep].to(ours.dtype))
+
+
+def test_the_nms_kernel_and_box_iou_equal_torchvisions_and_importing_them_does_not_import_torchvision(
+    tmp_path: Path,
+) -> None:
+    """In a fresh interpreter the modules val.py and detect.py run import no torchvision, and the NMS kernel loaded
+    without it keeps what ``torchvision.ops.nms`` keeps (here torchvision is imported, so it is the reference)."""
+    import json
+    import subprocess
+    import sys
+
+    from detector.ops.boxes import box_iou
+
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(300, 2, generator=generator) * 500
+    boxes = torch.cat((corners, corners + torch.rand(300, 2, generator=generator) * 120 + 1), 1)
+    scores = torch.rand(300, generator=generator)
+    classes = torch.randint(0, 3, (300,), generator=generator)
+    torch.save({"boxes": boxes, "scores": scores, "classes": classes}, tmp_path / "boxes.pt")
+    code = (
+        "import json, sys, torch\n"
+        "import detector.cli.val, detector.cli.detect, detector.engine.validator, detector.engine.predictor\n"
+        "from detector.ops.torchvision_kernels import batched_nms, nms\n"
+        f"saved = torch.load({str(tmp_path / 'boxes.pt')!r}, weights_only=True)\n"
+        "boxes, scores = saved['boxes'], saved['scores']\n"
+        "kept = [nms(boxes.to(d), scores.to(d), 0.45).tolist() for d in (torch.float32, torch.float64)]\n"
+        "by_class = batched_nms(boxes, scores, saved['classes'], 0.45).tolist()\n"
+        "imported = ['torchvision' in sys.modules, 'torch._dynamo' in sys.modules]\n"
+        "import torchvision  # after the kernel's library was loaded: torchvision loads it again, and works\n"
+        "same = torchvision.ops.nms(boxes, scores, 0.45).tolist() == kept[0]\n"
+        "print(json.dumps([kept, by_class, *imported, same]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    kept, by_class, imported_torchvision, imported_dynamo, same_later = json.loads(
+        result.stdout.strip().splitlines()[-1]
+    )
+    assert not imported_torchvision and not imported_dynamo and same_later
+    for dtype, indices in zip((torch.float32, torch.float64), kept, strict=True):
+        assert indices == torchvision.ops.nms(boxes.to(dtype), scores.to(dtype), 0.45).tolist()
+    assert 20 < len(kept[0]) < 300  # some boxes suppressed, some kept
+    assert by_class == torchvision.ops.batched_nms(boxes, scores, classes, 0.45).tolist()
+    assert len(by_class) > len(kept[0])  # boxes of other classes no longer suppress each other
+    torch.testing.assert_close(box_iou(boxes[:50], boxes[50:]), torchvision.ops.box_iou(boxes[:50], boxes[50:]))
+    assert box_iou(boxes[:0], boxes).shape == (0, 300)
