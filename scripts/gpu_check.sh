@@ -9,6 +9,8 @@
 #   4 detect-half        detect.py --half on the coco128 images
 #   5 augment-on-device  training img/s without and with --augment-on-device, alternating (A B A B)
 #   6 ddp-2gpu           torchrun --nproc_per_node 2 train.py (NCCL) when two GPUs exist, else skipped
+#   7 autobatch          --batch-size -1's choice for the weights at --img, then one AMP training step at that batch:
+#                        its peak memory must land within 60-95% of the GPU's (AutoBatch aims at 80%)
 #
 # Usage (from anywhere):  bash scripts/gpu_check.sh
 # Settings (environment variables, defaults in brackets):
@@ -19,7 +21,7 @@
 #   AUG_EPOCHS: timed coco128 epochs per side in step 5 [3]
 #   STEP_LIMIT_SCALE: multiplies each step's time limit, for slow dry runs [1] (BUDGET_S still caps the total)
 #   ONLY: the steps to run, e.g. ONLY="export-engine val" [all: train-amp export-engine val detect-half
-#         augment-on-device ddp-2gpu]; val validates the engine that export-engine wrote in the same run
+#         augment-on-device ddp-2gpu autobatch]; val validates the engine that export-engine wrote in the same run
 # Everything is written under a fresh mktemp folder (printed at the start and the end: logs/<step>.log there);
 # nothing beside the data or the weights (label caches go there too, via --cache-dir).
 
@@ -37,7 +39,7 @@ PYTHON=${PYTHON:-python}
 BUDGET_S=${BUDGET_S:-570}
 AUG_EPOCHS=${AUG_EPOCHS:-3}
 STEP_LIMIT_SCALE=${STEP_LIMIT_SCALE:-1}
-STEPS=(train-amp export-engine val detect-half augment-on-device ddp-2gpu)
+STEPS=(train-amp export-engine val detect-half augment-on-device ddp-2gpu autobatch)
 ONLY=${ONLY:-${STEPS[*]}}
 VAL_BATCH=32
 MAP_TOLERANCE=0.005 # 0.5 mAP50-95 points
@@ -277,6 +279,42 @@ step_ddp_2gpu() {
     fi
 }
 
+# 7. AutoBatch ------------------------------------------------------------------------------------------------------
+step_autobatch() {
+    local status
+    if [[ $DEVICE == cpu ]]; then
+        record autobatch skipped "-" 0 "AutoBatch sizes batches to CUDA memory"
+        return
+    fi
+    run_step autobatch 120 "$PYTHON" - "$WEIGHTS" "$IMG" "$DEVICE" <<'EOF'
+import sys
+
+import torch
+
+from detector.engine.autobatch import DEFAULT_FRACTION, autobatch
+from detector.models.loading import load_model
+
+weights, imgsz, device = sys.argv[1], int(sys.argv[2]), torch.device(f"cuda:{sys.argv[3]}")
+model = load_model(weights, device).train()
+batch = autobatch(model, imgsz, device, amp_dtype=torch.float16)
+torch.cuda.empty_cache()
+torch.cuda.reset_peak_memory_stats(device)
+with torch.autocast("cuda", dtype=torch.float16):
+    outputs = model(torch.zeros(batch, 3, imgsz, imgsz, device=device))
+sum(output.float().sum() for output in outputs).backward()
+used = torch.cuda.max_memory_allocated(device) / torch.cuda.get_device_properties(device).total_memory
+print(f"RESULT batch {batch}: one step used {100 * used:.0f}% of the GPU's memory (aim {100 * DEFAULT_FRACTION:.0f}%)")
+print("WITHIN" if 0.6 <= used <= 0.95 else "OUTSIDE")
+EOF
+    if ((STEP_RC == 0)) && grep -q '^RESULT' "$LOGS/autobatch.log"; then
+        status=$(grep -q '^WITHIN' "$LOGS/autobatch.log" && echo ok || echo FAIL)
+        record autobatch "$status" "$(grep '^RESULT' "$LOGS/autobatch.log" | cut -c8-)" "$STEP_S" \
+            "--batch-size -1 at --img $IMG, fp16 autocast; must use 60-95%"
+    else
+        record autobatch FAIL "-" "$STEP_S" "$(why_failed autobatch)"
+    fi
+}
+
 # ---------------------------------------------------------------------------------------------------------------
 ENGINE=""
 for step in "${STEPS[@]}"; do
@@ -291,6 +329,7 @@ for step in "${STEPS[@]}"; do
         detect-half) step_detect_half ;;
         augment-on-device) step_augment_on_device ;;
         ddp-2gpu) step_ddp_2gpu ;;
+        autobatch) step_autobatch ;;
     esac
 done
 
