@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from detector.errors import ConfigError
-from detector.ops.boxes import box_iou
+from detector.ops.boxes import box_area, box_iou
 from detector.ops.torchvision_kernels import batched_nms
 from detector.utils.checks import check_threshold
 
@@ -124,8 +124,7 @@ def box_ios(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
     top_left = torch.max(boxes1_xyxy[:, None, :2], boxes2_xyxy[None, :, :2])
     bottom_right = torch.min(boxes1_xyxy[:, None, 2:], boxes2_xyxy[None, :, 2:])
     intersection = (bottom_right - top_left).clamp(min=0).prod(2)
-    area1 = (boxes1_xyxy[:, 2] - boxes1_xyxy[:, 0]) * (boxes1_xyxy[:, 3] - boxes1_xyxy[:, 1])
-    area2 = (boxes2_xyxy[:, 2] - boxes2_xyxy[:, 0]) * (boxes2_xyxy[:, 3] - boxes2_xyxy[:, 1])
+    area1, area2 = box_area(boxes1_xyxy), box_area(boxes2_xyxy)
     smaller = torch.min(area1[:, None], area2[None, :])
     return intersection / smaller.clamp(min=torch.finfo(smaller.dtype).tiny)
 

@@ -93,11 +93,15 @@ def scale_boxes(
     return clip_boxes(boxes_xyxy, to_shape)
 
 
+def box_area(boxes_xyxy: Tensor) -> Tensor:
+    """Areas of (N, 4) pixel xyxy boxes -> (N,), as ``torchvision.ops.box_area``."""
+    return (boxes_xyxy[:, 2] - boxes_xyxy[:, 0]) * (boxes_xyxy[:, 3] - boxes_xyxy[:, 1])
+
+
 def box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
     """Pairwise IoU of pixel xyxy boxes: (N, 4) x (M, 4) -> (N, M), as ``torchvision.ops.box_iou`` (tested equal);
     written out here so that importing this module does not import torchvision (see ``ops.torchvision_kernels``)."""
-    area1 = (boxes1_xyxy[:, 2] - boxes1_xyxy[:, 0]) * (boxes1_xyxy[:, 3] - boxes1_xyxy[:, 1])
-    area2 = (boxes2_xyxy[:, 2] - boxes2_xyxy[:, 0]) * (boxes2_xyxy[:, 3] - boxes2_xyxy[:, 1])
+    area1, area2 = box_area(boxes1_xyxy), box_area(boxes2_xyxy)
     top_left = torch.max(boxes1_xyxy[:, None, :2], boxes2_xyxy[:, :2])
     bottom_right = torch.min(boxes1_xyxy[:, None, 2:], boxes2_xyxy[:, 2:])
     intersection = (bottom_right - top_left).clamp(min=0).prod(2)
