@@ -22,6 +22,7 @@ import argparse
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,7 @@ def training_pairs(data: DatasetConfig) -> list[tuple[Path, Path, Path]]:
     return image_pairs(data, data.train)
 
 
-def image_pairs(data: DatasetConfig, sources) -> list[tuple[Path, Path, Path]]:
+def image_pairs(data: DatasetConfig, sources: Sequence[Path]) -> list[tuple[Path, Path, Path]]:
     """(image, its label file, its path inside the output's image folders) of every image of ``sources``."""
     label_root = data.root / data.labels if data.labels else None
     pairs = []

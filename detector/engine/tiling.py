@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from detector.errors import ConfigError
-from detector.ops.boxes import box_area, box_iou
+from detector.ops.boxes import box_area, box_intersection, box_iou
 from detector.ops.torchvision_kernels import batched_nms
 from detector.utils.checks import check_threshold
 
@@ -121,9 +121,7 @@ def box_ios(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
 
     1 when one box lies inside the other; 0 for disjoint boxes and for boxes of zero area.
     """
-    top_left = torch.max(boxes1_xyxy[:, None, :2], boxes2_xyxy[None, :, :2])
-    bottom_right = torch.min(boxes1_xyxy[:, None, 2:], boxes2_xyxy[None, :, 2:])
-    intersection = (bottom_right - top_left).clamp(min=0).prod(2)
+    intersection = box_intersection(boxes1_xyxy, boxes2_xyxy)
     area1, area2 = box_area(boxes1_xyxy), box_area(boxes2_xyxy)
     smaller = torch.min(area1[:, None], area2[None, :])
     return intersection / smaller.clamp(min=torch.finfo(smaller.dtype).tiny)

@@ -51,9 +51,10 @@ def split_graph(inputs_of: Mapping[str, Sequence[str]], convolutions: Collection
     arithmetic after the head convolutions, the grid computation feeding it, and an NMS block when there is one.
     The stem is the convolutions with no convolution upstream (YOLOv5's first 6x6 one).
     """
-    head = set(convolutions) - _upstream(inputs_of, convolutions)
+    convolutions = set(convolutions)
+    head = convolutions - _upstream(inputs_of, convolutions)
     trunk = _upstream(inputs_of, head) | head
-    stem = {conv for conv in convolutions if not _upstream(inputs_of, [conv]) & set(convolutions)}
+    stem = {conv for conv in convolutions if not _upstream(inputs_of, [conv]) & convolutions}
     return GraphSplit(head, set(inputs_of) - trunk, stem)
 
 

@@ -98,13 +98,18 @@ def box_area(boxes_xyxy: Tensor) -> Tensor:
     return (boxes_xyxy[:, 2] - boxes_xyxy[:, 0]) * (boxes_xyxy[:, 3] - boxes_xyxy[:, 1])
 
 
+def box_intersection(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
+    """Pairwise intersection areas of pixel xyxy boxes: (N, 4) x (M, 4) -> (N, M), 0 for disjoint boxes."""
+    top_left = torch.max(boxes1_xyxy[:, None, :2], boxes2_xyxy[None, :, :2])
+    bottom_right = torch.min(boxes1_xyxy[:, None, 2:], boxes2_xyxy[None, :, 2:])
+    return (bottom_right - top_left).clamp(min=0).prod(2)
+
+
 def box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
     """Pairwise IoU of pixel xyxy boxes: (N, 4) x (M, 4) -> (N, M), as ``torchvision.ops.box_iou`` (tested equal);
     written out here so that importing this module does not import torchvision (see ``ops.torchvision_kernels``)."""
     area1, area2 = box_area(boxes1_xyxy), box_area(boxes2_xyxy)
-    top_left = torch.max(boxes1_xyxy[:, None, :2], boxes2_xyxy[:, :2])
-    bottom_right = torch.min(boxes1_xyxy[:, None, 2:], boxes2_xyxy[:, 2:])
-    intersection = (bottom_right - top_left).clamp(min=0).prod(2)
+    intersection = box_intersection(boxes1_xyxy, boxes2_xyxy)
     return intersection / (area1[:, None] + area2 - intersection)
 
 
