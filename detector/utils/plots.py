@@ -44,12 +44,13 @@ _CURVE_LABELS: dict[str, str] = {"f1": "F1", "precision": "Precision", "recall":
 # Figures
 
 
-def new_figure(figsize: tuple[float, float]) -> Figure:
-    """An empty figure (inches) with tight layout on its own Agg canvas; it needs no closing."""
+def new_figure(figsize: tuple[float, float], tight: bool = True) -> Figure:
+    """An empty figure (inches) on its own Agg canvas; it needs no closing. ``tight`` lays it out when saved (one
+    extra draw to measure the texts); without it the caller places the axes (``Figure.subplots_adjust``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=figsize, tight_layout=True)
+    figure = Figure(figsize=figsize, tight_layout=tight)
     FigureCanvasAgg(figure)
     return figure
 
@@ -110,12 +111,16 @@ def confusion_matrix_figure(matrix: np.ndarray, names: Sequence[str], normalize:
     num_classes = len(names)
     ticks = [*names, "background"]
     side = min(max(6.0, 0.3 * (num_classes + 1) + 3), 14.0)
-    figure = new_figure((side, side * 0.85))
+    width, height = side, side * 0.85
+    figure = new_figure((width, height), tight=False)  # margins from the names: tight layout costs a draw of them
+    font_size = max(4.0, min(8.0, 400 / (num_classes + 1)))
+    names_inches = max(map(len, ticks)) * font_size * 0.6 / 72 if num_classes < 100 else 0.0
+    label_inches = names_inches + 0.7  # tick marks, pads, the axis title
+    figure.subplots_adjust(left=label_inches / width, bottom=label_inches / height, right=0.98, top=1 - 0.45 / height)
     axes = figure.subplots()
     image = axes.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
     if num_classes < 100:  # beyond that the names would overlap whatever their size
-        font_size = max(4.0, min(8.0, 400 / (num_classes + 1)))
         axes.set_xticks(range(num_classes + 1), ticks, rotation=90, fontsize=font_size)
         axes.set_yticks(range(num_classes + 1), ticks, fontsize=font_size)
     if num_classes < 30:
@@ -144,11 +149,8 @@ def pr_curve_figure(metrics: Metrics) -> Figure:
     axes = figure.subplots()
     curves = metrics.curves
     if curves is not None and len(metrics.ap_class):
-        show_legend = len(metrics.ap_class) <= MAX_LEGEND_CLASSES
-        for k, cls in enumerate(metrics.ap_class):
-            label = f"{_name(metrics.names, cls)} {metrics.ap50[k]:.3f}" if show_legend else None
-            color = None if show_legend else "grey"
-            axes.plot(RECALL_THRESHOLDS, curves.pr_precision[k], linewidth=1, label=label, color=color)
+        labels = [f"{_name(metrics.names, cls)} {metrics.ap50[k]:.3f}" for k, cls in enumerate(metrics.ap_class)]
+        _class_lines(axes, RECALL_THRESHOLDS, curves.pr_precision, labels)
         mean = curves.pr_precision.mean(0)
         axes.plot(RECALL_THRESHOLDS, mean, linewidth=3, color="blue", label=f"all classes {metrics.map50:.3f} mAP@0.5")
     axes.set(xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1.01), title="Precision-Recall Curve")
@@ -167,10 +169,7 @@ def confidence_curve_figure(metrics: Metrics, which: ConfidenceCurve) -> Figure:
     curves = metrics.curves
     if curves is not None and len(metrics.ap_class):
         values = getattr(curves, which)
-        show_legend = len(metrics.ap_class) <= MAX_LEGEND_CLASSES
-        for k, cls in enumerate(metrics.ap_class):
-            label = _name(metrics.names, cls) if show_legend else None
-            axes.plot(CONFIDENCE_GRID, values[k], linewidth=1, label=label, color=None if show_legend else "grey")
+        _class_lines(axes, CONFIDENCE_GRID, values, [_name(metrics.names, cls) for cls in metrics.ap_class])
         mean = values.mean(0)
         best = int(np.searchsorted(CONFIDENCE_GRID, metrics.best_conf))
         label = f"all classes {mean[best]:.2f} at {metrics.best_conf:.3f}"
@@ -178,6 +177,19 @@ def confidence_curve_figure(metrics: Metrics, which: ConfidenceCurve) -> Figure:
     axes.set(xlabel="Confidence", ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.01), title=f"{ylabel}-Confidence Curve")
     _legend(axes)
     return figure
+
+
+def _class_lines(axes: Axes, x: np.ndarray, curves: np.ndarray, labels: Sequence[str]) -> None:
+    """One line per class (rows of ``curves`` against ``x``), each in the legend up to MAX_LEGEND_CLASSES; beyond
+    that all in grey as one collection (one artist instead of one per class: cheaper to draw)."""
+    if len(labels) <= MAX_LEGEND_CLASSES:
+        for values, label in zip(curves, labels, strict=True):
+            axes.plot(x, values, linewidth=1, label=label)
+        return
+    from matplotlib.collections import LineCollection
+
+    segments = np.stack([np.broadcast_to(x, curves.shape), curves], axis=-1)
+    axes.add_collection(LineCollection(segments, linewidths=1, colors="grey"))
 
 
 def plot_metrics_curves(metrics: Metrics, save_dir: str | Path) -> list[Path]:

@@ -144,3 +144,22 @@ def test_labels_figure_bars_count_each_class() -> None:
     assert [bar.get_height() for bar in class_axes.patches] == [1, 0, 2]
     assert class_axes.get_title() == "3 boxes in 3 classes"
     assert [t.get_text() for t in class_axes.get_xticklabels()] == ["person", "car", "dog"]
+
+
+def test_many_classes_are_drawn_as_one_grey_collection_with_each_class_curve() -> None:
+    # 25 classes (above the legend's 20): class k has one hit at confidence (k + 1) / 30 on its only label, so its
+    # recall is 1 up to that threshold and 0 above; the grey collection must hold exactly those 25 curves.
+    count = 25
+    boxes = np.array([[10.0 * k, 0, 10.0 * k + 5, 5] for k in range(count)])
+    confs = (np.arange(count) + 1) / 30
+    stats = DetectionStats()
+    stats.update(boxes, confs, np.arange(count), boxes, np.arange(count))
+    metrics = stats.compute([f"c{k}" for k in range(count)])
+    figure = confidence_curve_figure(metrics, "recall")
+    (collection,) = figure.axes[0].collections
+    segments = collection.get_segments()
+    assert len(segments) == count
+    for k, segment in enumerate(segments):
+        np.testing.assert_allclose(segment[:, 0], GRID)
+        np.testing.assert_allclose(segment[:, 1], (confs[k] >= GRID).astype(float), atol=1e-12)
+    assert set(drawn_lines(figure)) == {f"all classes 1.00 at {metrics.best_conf:.3f}"}  # only the mean is a line
