@@ -198,7 +198,7 @@ class ExportContext:
     output_stem: Path  # run folder / weights stem: formats add their suffix
     work_dir: Path  # temporary files (e.g. an ONNX file that only OpenVINO needs), removed after the run
     _half_model: nn.Module | None = None
-    _onnx_files: dict[tuple[str, bool], Path] = field(default_factory=dict)
+    _onnx_files: dict[tuple[str, bool, bool], Path] = field(default_factory=dict)
     _predictions: dict[tuple[Any, ...], Tensor] = field(default_factory=dict)
     _check_images: list[np.ndarray] | None = None
     _nms_pool: list[np.ndarray] | None = None  # validation images the --nms check searches ...
@@ -287,14 +287,16 @@ class ExportContext:
             self._predictions[key] = RawOutput(model).eval()(images.to(self.device, dtype)).float().cpu()
         return self._predictions[key]
 
-    def onnx_file(self, flavor: str, half: bool) -> Path:
-        """An ONNX file of this model in ``work_dir`` (made once per flavor/precision): "raw", "nms" or "tensorrt"."""
+    def onnx_file(self, flavor: str, half: bool, channels_last: bool = False) -> Path:
+        """An ONNX file of this model in ``work_dir`` (made once per flavor/precision/layout): "raw", "nms" or
+        "tensorrt"; ``channels_last`` as :func:`detector.export.onnx.write_onnx`."""
         from detector.export.onnx import write_onnx
 
-        key = (flavor, half)
+        key = (flavor, half, channels_last)
         if key not in self._onnx_files or not self._onnx_files[key].is_file():
-            path = self.work_dir / f"{self.output_stem.name}_{flavor}{'_fp16' if half else ''}.onnx"
-            write_onnx(self, path, flavor=flavor, half=half, simplify=False)
+            suffix = ("_fp16" if half else "") + ("_nhwc" if channels_last else "")
+            path = self.work_dir / f"{self.output_stem.name}_{flavor}{suffix}.onnx"
+            write_onnx(self, path, flavor=flavor, half=half, simplify=False, channels_last=channels_last)
             self._onnx_files[key] = path
         return self._onnx_files[key]
 

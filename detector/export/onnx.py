@@ -8,6 +8,7 @@ static quantization of the convolution trunk, :func:`quantize_onnx`). Every meta
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Iterator
@@ -135,9 +136,16 @@ class OnnxFormat(Format):
         return load_backend(raw_file, self.check_device(ctx))(images), True
 
 
-def write_onnx(ctx: ExportContext, path: Path, *, flavor: str, half: bool, simplify: bool) -> Path:
+def write_onnx(
+    ctx: ExportContext, path: Path, *, flavor: str, half: bool, simplify: bool, channels_last: bool = False
+) -> Path:
     """Export the model to ONNX at ``path``: flavor "raw" (output0), "nms" (ONNX NonMaxSuppression) or
-    "tensorrt" (EfficientNMS_TRT node, only TensorRT can run it). Metadata goes into ``metadata_props``."""
+    "tensorrt" (EfficientNMS_TRT node, only TensorRT can run it). Metadata goes into ``metadata_props``.
+
+    ``channels_last`` traces the model in NHWC memory, so the Detect head takes its NHWC branch (channels last
+    first), the layout OpenVINO's CPU convolutions produce (its int8 yolov5n at 640: 16.1 against 20.7 ms). ONNX
+    Runtime ran that graph 2-4% slower than the NCHW one, so its own files are traced NCHW.
+    """
     import onnx
 
     config = ctx.config
@@ -145,6 +153,9 @@ def write_onnx(ctx: ExportContext, path: Path, *, flavor: str, half: bool, simpl
     if flavor != "raw":
         model = NMSModel(model, config, "tensorrt" if flavor == "tensorrt" else "onnx")
     example = ctx.example_input(ctx.export_shape, half=half)
+    if channels_last:
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        example = example.contiguous(memory_format=torch.channels_last)
     trace_to_onnx(model, example, path, opset=config.opset, nms=flavor != "raw", dynamic=config.dynamic)
     proto = onnx.load(str(path))
     if simplify:

@@ -273,6 +273,22 @@ def test_decode_follows_the_yolov5_formula() -> None:
     assert torch.allclose(decoded[0, 0], torch.tensor([4.0, 4.0, 10.0, 20.0, 0.5, 0.5, 0.5]))
 
 
+def test_raw_maps_are_the_same_from_nchw_and_channels_last_features() -> None:
+    # The head's two layout branches against the plain definition: the 1x1 conv output's channel a * no + k is
+    # raw[a, y, x, k] (YOLOv5's view + permute), whichever memory format the features come in.
+    detect = _detect_with_strides(nc=2)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        features = [torch.randn(2, 4, 3, 5), torch.randn(2, 8, 2, 2)]
+        features = [f.contiguous(memory_format=memory_format) for f in features]
+        maps = [conv(f) for conv, f in zip(detect.m, features, strict=True)]
+        assert all(m.is_contiguous(memory_format=memory_format) for m in maps)
+        expected = [m.reshape(2, 2, 7, *m.shape[2:]).permute(0, 1, 3, 4, 2) for m in maps]
+        raw = detect(features)
+        assert all(r.is_contiguous() for r in raw)
+        for a, b in zip(expected, raw, strict=True):
+            assert torch.equal(a, b)
+
+
 def test_bf16_raw_maps_decode_in_fp32() -> None:
     """bf16 autocast inference (--half on CPU): the raw maps arrive in bf16, the boxes are decoded in fp32, so a box
     at x ~ 600 px keeps sub-pixel precision (bf16 alone rounds there to steps of 4 px)."""
