@@ -1489,6 +1489,7 @@ _DEPLOY_VARIANTS = (  # row name: (export precision, format, run in half precisi
     ("openvino-fp32", ("fp32", "openvino", False)),
     ("openvino-bf16", ("fp32", "openvino", True)),  # the fp32 IR, compiled with OpenVINO's bf16 inference hint
     ("openvino-int8", ("int8", "openvino", False)),
+    ("openvino-int8-bf16", ("int8", "openvino", True)),  # --half: the float stem and decode in bf16
 )
 
 
@@ -1540,7 +1541,8 @@ def _deploy_setup(imgsz: int) -> Callable[[], dict[str, float]]:
     return time_each
 
 
-_DEPLOY_RATIOS = ("onnx-int8", "openvino-bf16", "openvino-int8")  # each against ONNX Runtime fp32 in the same round
+# each against ONNX Runtime fp32 in the same round
+_DEPLOY_RATIOS = ("onnx-int8", "openvino-bf16", "openvino-int8", "openvino-int8-bf16")
 _DEPLOY_UNITS = {row: "ms" for row, _ in _DEPLOY_VARIANTS} | {f"{row}/onnx-fp32": "x" for row in _DEPLOY_RATIOS}
 
 
