@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -1347,6 +1348,9 @@ def _intersection_areas(boxes_xyxy: np.ndarray, patch_xyxy: np.ndarray) -> np.nd
     return width * height
 
 
+_ALBUMENTATIONS_LOCK = threading.Lock()
+
+
 class Albumentations:
     """Rare blur, median blur, greyscale and CLAHE from the ``albumentations`` package, when it is installed.
 
@@ -1370,9 +1374,10 @@ class Albumentations:
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         if self.pipeline is None or self.probability <= 0 or rng.random() >= self.probability:
             return sample
-        if hasattr(self.pipeline, "set_random_seed"):
-            self.pipeline.set_random_seed(int(rng.integers(0, 2**31 - 1)))
-        return replace(sample, image=self.pipeline(image=sample.image)["image"])
+        with _ALBUMENTATIONS_LOCK:  # one pipeline, one random state: the dataset may build items on threads
+            if hasattr(self.pipeline, "set_random_seed"):
+                self.pipeline.set_random_seed(int(rng.integers(0, 2**31 - 1)))
+            return replace(sample, image=self.pipeline(image=sample.image)["image"])
 
     def __repr__(self) -> str:
         return f"Albumentations(p={self.probability}, installed={self.pipeline is not None})"

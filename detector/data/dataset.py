@@ -374,6 +374,21 @@ class SubsetPictureSource(SubsetSource):
 # Dataset
 
 
+ITEM_THREADS = 4  # at most, for __getitems__ in the main process
+ItemKey = int | tuple[int, int] | tuple[int, int, bool] | tuple[int, int, bool, int]
+
+
+def _parse_key(key: ItemKey) -> tuple[int, int | None, bool, int]:
+    """An item key as (index, seed or None, closed-mosaic phase, pseudo-label generation); missing parts default."""
+    parts = key if isinstance(key, tuple) else (key,)
+    return (*parts, *(None, None, False, 0)[len(parts) :])
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class YOLODataset(Dataset):
     """Images with YOLO labels, as ``(image uint8 (3, H, W) RGB, labels (n, 6), path, shapes)`` items.
 
@@ -468,6 +483,9 @@ class YOLODataset(Dataset):
             self._add_unlabeled(unlabeled, workers)
         # Set by the pseudo-labeller: the generation of the labels held, and where a worker reloads newer ones.
         self.pseudo_generation = 0
+        # Threads making a batch's items in the main process (__getitems__); 1 makes them one by one.
+        self.item_threads = min(ITEM_THREADS, usable_cpus())
+        self._pool: ThreadPoolExecutor | None = None
         self.pseudo_source: Callable[[], tuple[int, Mapping[str, np.ndarray]]] | None = None
 
         self.batch_shapes = np.zeros((0, 2), np.int64)
@@ -506,11 +524,32 @@ class YOLODataset(Dataset):
     def __len__(self) -> int:
         return len(self.im_files)
 
-    def __getitem__(
-        self, key: int | tuple[int, int] | tuple[int, int, bool] | tuple[int, int, bool, int]
-    ) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
-        parts = key if isinstance(key, tuple) else (key,)
-        index, item_seed, closed, generation = (*parts, *(None, None, False, 0)[len(parts) :])  # missing: defaults
+    def __getitems__(self, keys: Sequence[ItemKey]) -> list[tuple[torch.Tensor, torch.Tensor, str, tuple | None]]:
+        """A batch's items (the DataLoader's batched fetch). In the main process (``--workers 0``) they are made on
+        up to ``item_threads`` threads: JPEG decoding and OpenCV's kernels release the GIL, so a 2-core machine
+        builds two items at once. Each item draws from its own generator, seeded by its key, so the batch is the one
+        made item by item. Worker processes (one core each already), and tiled training (its tile source binds one
+        generator at a time), go item by item."""
+        pool = self._item_pool()
+        if pool is None or len(keys) < 2:
+            return [self[key] for key in keys]
+        newest = max(_parse_key(key)[3] for key in keys)
+        if newest > self.pseudo_generation:
+            self._reload_pseudo_labels(newest)  # once, before the threads read the labels
+        return list(pool.map(self.__getitem__, keys))
+
+    def _item_pool(self) -> ThreadPoolExecutor | None:
+        if self.item_threads < 2 or self.tiles is not None or torch.utils.data.get_worker_info() is not None:
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.item_threads, thread_name_prefix="dataset-items")
+        return self._pool
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}  # threads do not travel to worker processes
+
+    def __getitem__(self, key: ItemKey) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
+        index, item_seed, closed, generation = _parse_key(key)
         if generation > self.pseudo_generation:  # a key without one (0) takes the labels held
             self._reload_pseudo_labels(generation)
         if self.tiles is not None:

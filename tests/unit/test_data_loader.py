@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import threading
 from pathlib import Path
 
 import cv2
@@ -193,6 +195,31 @@ def test_same_seed_gives_the_same_batches_with_any_worker_count(tmp_path: Path) 
     assert not torch.equal(batches[0][0][0], batches[2][0][0])
     first.sampler.set_epoch(1)
     assert not torch.equal(next(iter(first))[0], batches[0][0][0])  # a new epoch draws new augmentations
+
+
+def test_main_process_makes_a_batch_on_threads_as_item_by_item(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--workers 0: a batch's items are made on threads (__getitems__), yet each is the item made on its own."""
+    images = make_dataset(tmp_path)
+    hyp = Hyperparameters(degrees=5.0, mixup=0.5, copy_paste=0.5, cutmix=0.5)
+    options = {"imgsz": 64, "batch_size": 8, "hyp": hyp, "augment": True, "shuffle": True, "num_classes": 3}
+    threaded, threaded_set = create_dataloader(images, workers=0, seed=3, **options)
+    single, single_set = create_dataloader(images, workers=0, seed=3, **options)
+    threaded_set.item_threads, single_set.item_threads = 4, 1
+    made_on = set()
+    make_item = type(threaded_set).__getitem__
+
+    def recording(dataset, key):
+        made_on.add(threading.current_thread().name)
+        return make_item(dataset, key)
+
+    monkeypatch.setattr(type(threaded_set), "__getitem__", recording)
+    for epoch in range(2):
+        threaded.sampler.set_epoch(epoch)
+        single.sampler.set_epoch(epoch)
+        for (images_a, targets_a, paths_a, _), (images_b, targets_b, paths_b, _) in zip(threaded, single, strict=True):
+            assert torch.equal(images_a, images_b) and torch.equal(targets_a, targets_b) and paths_a == paths_b
+    assert any(name.startswith("dataset-items") for name in made_on)
+    assert pickle.loads(pickle.dumps(threaded_set))._pool is None  # what a spawned worker gets: no threads
 
 
 def test_validation_loader_contract(tmp_path: Path) -> None:
