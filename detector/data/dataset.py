@@ -42,6 +42,7 @@ from detector.data.tiles import TileSource
 from detector.errors import DataError
 from detector.ops.boxes import xywhn2xyxy, xyxy2xywhn
 from detector.utils.files import atomic_write
+from detector.utils.torch_utils import usable_cpus
 
 LOGGER = logging.getLogger(__name__)
 
@@ -382,11 +383,6 @@ def _parse_key(key: ItemKey) -> tuple[int, int | None, bool, int]:
     """An item key as (index, seed or None, closed-mosaic phase, pseudo-label generation); missing parts default."""
     parts = key if isinstance(key, tuple) else (key,)
     return (*parts, *(None, None, False, 0)[len(parts) :])
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class YOLODataset(Dataset):

@@ -79,6 +79,11 @@ def time_sync(device: torch.device | None = None) -> float:
     return time.perf_counter()
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): there bf16 convolutions run about twice as
     fast as fp32; elsewhere oneDNN emulates bf16, which measured 10x slower than fp32 for yolov5n training."""

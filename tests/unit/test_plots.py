@@ -3,16 +3,21 @@ compared with values worked out by hand (not with the metrics code's own arrays)
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import detector.utils.plots as plots_module
 from detector.ops.metrics import DetectionStats, Metrics
 from detector.utils.plots import (
     confidence_curve_figure,
     confusion_matrix_figure,
+    drawn_alongside,
     labels_figure,
     plot_confusion_matrix,
     plot_metrics_curves,
@@ -163,3 +168,33 @@ def test_many_classes_are_drawn_as_one_grey_collection_with_each_class_curve() -
         np.testing.assert_allclose(segment[:, 0], GRID)
         np.testing.assert_allclose(segment[:, 1], (confs[k] >= GRID).astype(float), atol=1e-12)
     assert set(drawn_lines(figure)) == {f"all classes 1.00 at {metrics.best_conf:.3f}"}  # only the mean is a line
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Drawing in a second process
+
+
+def _record_pid(path: Path, parent: int, fail_in_child: bool) -> None:
+    if fail_in_child and os.getpid() != parent:
+        raise RuntimeError("a child that fails")
+    with path.open("a") as file:
+        file.write(f"{os.getpid()}\n")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the child process is forked on Linux only")
+def test_drawn_alongside_draws_in_a_child_and_again_here_when_the_child_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(plots_module, "usable_cpus", lambda: 2)
+    parent = os.getpid()
+    for fail_in_child, expected in ((False, "child"), (True, "parent")):
+        record = tmp_path / f"{expected}.txt"
+        with drawn_alongside(functools.partial(_record_pid, record, parent, fail_in_child)):
+            pass
+        pids = [int(line) for line in record.read_text().split()]
+        assert len(pids) == 1 and (pids[0] == parent) == (expected == "parent")
+    monkeypatch.setattr(plots_module, "usable_cpus", lambda: 1)  # one CPU: drawn here, after the block
+    record = tmp_path / "one-cpu.txt"
+    with drawn_alongside(functools.partial(_record_pid, record, parent, False)):
+        assert not record.exists()
+    assert record.read_text().split() == [str(parent)]
