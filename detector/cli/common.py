@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -43,6 +45,10 @@ def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
 def run_cli(main: Callable[[], int | None]) -> int:
     """Run an entry point: user errors become one ``error:`` line and exit status 2, Ctrl-C exits 130."""
     setup_logging()
+    # At exit the interpreter's garbage collections walk every object left (torch alone makes 0.3-0.4 s of that
+    # on this CPU); freezing them first skips that walk. Objects are still freed, files closed and handlers
+    # flushed as before: only the search for reference cycles among what exists at exit is skipped.
+    atexit.register(gc.freeze)
     try:
         return int(main() or 0)
     except DetectorError as e:

@@ -1,0 +1,30 @@
+"""The entry points' exit: what run_cli leaves for the interpreter's shutdown."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_run_cli_freezes_the_objects_left_at_exit_and_output_still_arrives() -> None:
+    """The shutdown's garbage collections skip what exists at exit (gc.freeze, registered by run_cli); atexit
+    handlers registered before it still run afterwards, and a file written by the command is complete."""
+    script = textwrap.dedent(
+        """
+        import atexit, gc, sys
+        atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0))
+        from detector.cli.common import run_cli
+
+        def command():
+            print("frozen during the command:", gc.get_freeze_count() > 0)
+            sys.stdout.write("x" * 100_000 + "\\n")
+
+        sys.exit(run_cli(command))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "frozen during the command: False"
+    assert lines[1] == "x" * 100_000
+    assert lines[-1] == "frozen at exit: True"
