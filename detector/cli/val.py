@@ -61,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         "image sizes 256, 384, ... up to --imgsz, as study.csv and study.png" + _default("task"),
     )
     add("--device", type=str, help="cuda device, i.e. 0 or cpu; '' = CUDA 0 if present, else CPU" + _default("device"))
-    add("--workers", type=int, help="max dataloader workers (capped by CPU count)" + _default("workers"))
+    add(
+        "--workers",
+        type=int,
+        help="max dataloader workers (capped by CPU count; on the CPU by the cores the "
+        "forward leaves: with none left, batches load on threads in the main process)" + _default("workers"),
+    )
     add("--single-cls", action="store_true", dest="single_cls", help="treat as single-class" + _default("single_cls"))
     add(
         "--cache-dir",
