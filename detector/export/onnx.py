@@ -27,7 +27,7 @@ from detector.engine.backends import (
 )
 from detector.errors import CheckpointError, ExportError
 from detector.export.base import INPUT_NAME, ExportContext, Format, RawOutput, quiet_tracing, register_format
-from detector.export.int8 import calibration_images, calibration_inputs, split_graph
+from detector.export.int8 import IMAGE_LEVELS, calibration_images, calibration_inputs, split_graph
 from detector.export.metadata import decode_metadata_value, nms_metadata
 from detector.export.nms import NMS_OUTPUT_NAMES, NMSModel
 
@@ -205,6 +205,7 @@ def quantize_onnx(source: Path, target: Path, ctx: ExportContext) -> None:
     (:func:`detector.export.int8.split_graph`), so the logits that become boxes and scores are not rounded to
     256 levels.
     """
+    import numpy as np
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
@@ -229,7 +230,15 @@ def quantize_onnx(source: Path, target: Path, ctx: ExportContext) -> None:
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=sorted(split.decode | split.head),
-            extra_options={"CalibMovingAverage": True},  # mean of the per-image minima and maxima
+            extra_options={
+                "CalibMovingAverage": True,  # mean of the per-image minima and maxima
+                # the input's own levels, not calibrated: lossless (detector.export.int8.IMAGE_LEVELS)
+                "TensorQuantOverrides": {
+                    INPUT_NAME: [
+                        {"scale": np.array(1 / (IMAGE_LEVELS - 1), np.float32), "zero_point": np.array(0, np.uint8)}
+                    ]
+                },
+            },
         )
     finally:
         prepared.unlink(missing_ok=True)

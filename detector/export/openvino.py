@@ -3,7 +3,7 @@
 Converted from our raw ONNX file with ``openvino.convert_model`` and saved with ``openvino.save_model``.
 ``--half`` stores fp16 weights (the graph computes in fp32); ``--int8`` quantizes the convolution trunk with NNCF
 (an optional package, ``pip install nncf``) calibrated on ``--data``'s validation images, the built-in dataset's
-without ``--data``, and keeps the stem convolution and the Detect decode in float (:mod:`detector.export.int8`).
+without ``--data``, and keeps the Detect decode in float (:mod:`detector.export.int8`).
 The IR never holds NMS.
 The backend computes in f32, or in bf16 when asked for half precision on a CPU with native bfloat16.
 """
@@ -22,7 +22,7 @@ from torch import Tensor
 from detector.engine.backends import Backend, apply_metadata, first_line, shape_from_dims
 from detector.errors import CheckpointError
 from detector.export.base import ExportContext, Format, register_format
-from detector.export.int8 import calibration_images, split_graph
+from detector.export.int8 import IMAGE_LEVELS, calibration_images, split_graph
 
 LOGGER = logging.getLogger(__name__)
 
@@ -156,10 +156,9 @@ def quantize_openvino(ov_model: Any, ctx: ExportContext) -> Any:
     """Post-training int8 quantization with NNCF on letterboxed validation images (``--data``, else built-in).
 
     NNCF's ignored scope (:func:`openvino_float_ops`) is the Detect decode - left alone, NNCF puts a quantizer
-    on its Multiply (the squared sigmoid of the box sizes) - and the stem convolution that reads the image, whose
-    quantized input and 3-channel weights cost yolov5n 0.9 point of mAP50-95 on coco128 (0.347 against 0.355
-    with it in float; fp32 0.357) for 8% of the int8 latency. The head convolutions are quantized like the rest
-    (int8 weights and input); OpenVINO gives their output in float.
+    on its Multiply (the squared sigmoid of the box sizes). The head convolutions are quantized like the rest
+    (int8 weights and input); OpenVINO gives their output in float. The quantizer of the image input is then
+    pinned to the pixels' own 256 levels (:func:`pin_input_quantizers`): calibrated, its steps fell between them.
     """
     import nncf
 
@@ -171,16 +170,35 @@ def quantize_openvino(ov_model: Any, ctx: ExportContext) -> Any:
     level = nncf_logger.level
     nncf_logger.setLevel(logging.WARNING)  # not its INFO list of every op it leaves unquantized
     try:
-        return nncf.quantize(
+        quantized = nncf.quantize(
             ov_model, dataset, preset=nncf.QuantizationPreset.MIXED, subset_size=len(images), ignored_scope=ignored
         )
     finally:
         nncf_logger.setLevel(level)
+    pin_input_quantizers(quantized)
+    return quantized
+
+
+def pin_input_quantizers(ov_model: Any) -> int:
+    """Set every FakeQuantize that reads a model input to [0, 1] in :data:`IMAGE_LEVELS` levels - the input's own
+    values, uint8 pixels / 255, which it then passes unchanged. Returns how many it set."""
+    import openvino.opset13 as opset
+
+    pinned = 0
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() != "FakeQuantize" or op.input_value(0).get_node().get_type_name() != "Parameter":
+            continue
+        for port, value in zip(range(1, 5), (0.0, 1.0, 0.0, 1.0), strict=True):  # input low/high, output low/high
+            shape = op.input_value(port).get_shape()
+            op.input(port).replace_source_output(opset.constant(np.full(shape, value, np.float32)).output(0))
+        op.set_levels(IMAGE_LEVELS)
+        pinned += 1
+    return pinned
 
 
 def openvino_float_ops(ov_model: Any) -> set[str]:
     """Friendly names of the ops of an OpenVINO model that int8 export leaves in float (constants left out): the
-    decode after the head convolutions, and the stem convolutions that read the image."""
+    decode after the head convolutions."""
     ops = ov_model.get_ordered_ops()
     inputs_of = {
         op.get_friendly_name(): [op.input_value(i).get_node().get_friendly_name() for i in range(op.get_input_size())]
@@ -189,4 +207,4 @@ def openvino_float_ops(ov_model: Any) -> set[str]:
     convolutions = [op.get_friendly_name() for op in ops if op.get_type_name() == "Convolution"]
     kinds = {op.get_friendly_name(): op.get_type_name() for op in ops}
     split = split_graph(inputs_of, convolutions)
-    return {name for name in split.decode | split.stem if kinds[name] not in ("Constant", "Result")}
+    return {name for name in split.decode if kinds[name] not in ("Constant", "Result")}

@@ -117,6 +117,10 @@ def test_onnx_int8_quantizes_the_convolutions_keeps_the_decode_float_and_matches
         assert activation.op_type == weight.op_type == "DequantizeLinear", name
         assert initializers[weight.input[0]].data_type == onnx.TensorProto.INT8, name
         assert producers[activation.input[0]].op_type == "QuantizeLinear", name
+    # the image's quantizer holds its pixels exactly: scale 1/255, zero point 0 (not calibrated)
+    (image_quantizer,) = [node for node in graph.node if node.op_type == "QuantizeLinear" and node.input[0] == "images"]
+    scale, zero_point = (onnx.numpy_helper.to_array(initializers[name]) for name in image_quantizer.input[1:3])
+    assert np.isclose(scale, 1 / 255, rtol=1e-6, atol=0) and zero_point == 0 and zero_point.dtype == np.uint8
     for name in head:  # float32 weights, so the logits are never rounded to 256 levels ...
         assert initializers[convolutions[name].input[1]].data_type == onnx.TensorProto.FLOAT, name
     # ... and every node from the Detect convolutions to output0 computes in float
@@ -152,14 +156,20 @@ def test_openvino_int8_quantizes_the_convolutions_keeps_the_decode_float_and_mat
         if kinds[op.get_friendly_name()] == "Constant" and op.get_element_type() == openvino.Type.i8
     }
     convolutions = {n for n, kind in kinds.items() if kind == "Convolution"}
-    stem = {conv for conv in convolutions if kinds[inputs_of[conv][0]] == "Parameter"}
-    assert len(stem) == 1  # the first convolution reads the image itself, in float, with float weights
-    assert not _decode_and_head(inputs_of, inputs_of[next(iter(stem))][1], set())[0] & int8_constants
-    for conv in convolutions - stem:  # NNCF: a quantized activation ...
+    for conv in convolutions:  # NNCF: a quantized activation ...
         activation, weight = inputs_of[conv]
         assert _reads_quantized(activation, inputs_of, kinds), conv
         # ... and int8 weights: an i8 constant, dequantized
         assert _decode_and_head(inputs_of, weight, set())[0] & int8_constants, conv
+    # the image's quantizer holds its pixels exactly: [0, 1] in 256 levels (NNCF's calibrated range is replaced)
+    (image_quantizer,) = [
+        op
+        for op in ops
+        if op.get_type_name() == "FakeQuantize" and kinds[inputs_of[op.get_friendly_name()][0]] == "Parameter"
+    ]
+    assert image_quantizer.get_levels() == 256
+    bounds = [image_quantizer.input_value(port).get_node().get_data() for port in range(1, 5)]
+    assert [float(np.unique(b).item()) for b in bounds] == [0.0, 1.0, 0.0, 1.0]
     result = next(n for n, kind in kinds.items() if kind == "Result")
     decode, head = _decode_and_head(inputs_of, result, convolutions)
     assert len(head) == model.detect.nl  # OpenVINO computes them in int8 and gives their output in float
