@@ -1489,7 +1489,7 @@ _DEPLOY_VARIANTS = (  # row name: (export precision, format, run in half precisi
     ("openvino-fp32", ("fp32", "openvino", False)),
     ("openvino-bf16", ("fp32", "openvino", True)),  # the fp32 IR, compiled with OpenVINO's bf16 inference hint
     ("openvino-int8", ("int8", "openvino", False)),
-    ("openvino-int8-bf16", ("int8", "openvino", True)),  # --half: the float stem and decode in bf16
+    ("openvino-int8-bf16", ("int8", "openvino", True)),  # --half: the float decode in bf16
 )
 
 
