@@ -668,7 +668,7 @@ def _validate(config: ValConfig, setup: _Setup, save_dir: Path, plots: bool) -> 
         imgsz=imgsz,
         batch_size=batch_size,
         stride=backend.stride,
-        workers=_loader_workers(config.workers, backend),
+        workers=val_loader_workers(config.workers, backend.device),
         single_cls=config.single_cls,
         rect=rect,
         cache_dir=config.cache_dir,
@@ -690,11 +690,12 @@ def _validate(config: ValConfig, setup: _Setup, save_dir: Path, plots: bool) -> 
     return metrics
 
 
-def _loader_workers(requested: int, backend: Any) -> int:
-    """Loader worker processes for a backend: on the CPU only the cores its forward's threads leave free, so none
-    on a small machine, where the main process then loads each batch on threads (``YOLODataset.__getitems__``).
-    Workers there would take cores from the forward (2 cores: val.py 4% slower with 2 workers)."""
-    if torch.device(backend.device).type != "cpu":
+def val_loader_workers(requested: int, device: str | torch.device) -> int:
+    """Validation loader worker processes for a forward on ``device``: on the CPU only the cores the forward's
+    threads leave free, so none on a small machine, where the main process then loads each batch on threads
+    (``YOLODataset.__getitems__``). Workers there would take cores from the forward (2 cores: val.py 4% slower
+    with 2 workers)."""
+    if torch.device(device).type != "cpu":
         return requested
     return min(requested, max(0, usable_cpus() - torch.get_num_threads()))
 

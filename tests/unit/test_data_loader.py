@@ -176,17 +176,15 @@ def test_worker_count_is_capped() -> None:
 
 
 def test_val_loader_workers_get_only_the_cores_a_cpu_forward_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
-    from types import SimpleNamespace
-
     import detector.engine.validator as validator_module
 
     monkeypatch.setattr(validator_module, "usable_cpus", lambda: 8)
     monkeypatch.setattr(validator_module.torch, "get_num_threads", lambda: 2)
-    cpu, gpu = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(device=torch.device("cuda", 0))
-    assert validator_module._loader_workers(8, cpu) == 6 and validator_module._loader_workers(4, cpu) == 4
-    assert validator_module._loader_workers(8, gpu) == 8
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert validator_module.val_loader_workers(8, cpu) == 6 and validator_module.val_loader_workers(4, "cpu") == 4
+    assert validator_module.val_loader_workers(8, gpu) == 8
     monkeypatch.setattr(validator_module, "usable_cpus", lambda: 2)  # this machine: the forward takes both cores
-    assert validator_module._loader_workers(8, cpu) == 0 and validator_module._loader_workers(8, gpu) == 8
+    assert validator_module.val_loader_workers(8, cpu) == 0 and validator_module.val_loader_workers(8, gpu) == 8
 
 
 # --------------------------------------------------------------------------------------------------------------------
