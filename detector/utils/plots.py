@@ -24,7 +24,6 @@ import numpy as np
 
 from detector.ops.metrics import CONFIDENCE_GRID, RECALL_THRESHOLDS, Metrics
 from detector.utils.drawing import draw_detections
-from detector.utils.torch_utils import usable_cpus
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -64,6 +63,8 @@ def drawn_alongside(draw: Callable[[], object]) -> Iterator[None]:
     """Calls ``draw`` (which saves its figures) in a forked child process while the ``with`` block draws others, so
     two figures are drawn at once: matplotlib draws on one core. On Linux with two or more CPUs; elsewhere, or
     when the child fails, ``draw`` runs here after the block. The child only writes files; nothing comes back."""
+    from detector.utils.torch_utils import usable_cpus  # here: this module does not import torch otherwise
+
     child = None
     if sys.platform.startswith("linux") and usable_cpus() > 1:
         child = multiprocessing.get_context("fork").Process(target=draw, name="plots", daemon=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import detector.utils.plots as plots_module
+import detector.utils.torch_utils as torch_utils
 from detector.ops.metrics import DetectionStats, Metrics
 from detector.utils.plots import (
     confidence_curve_figure,
@@ -185,7 +185,7 @@ def _record_pid(path: Path, parent: int, fail_in_child: bool) -> None:
 def test_drawn_alongside_draws_in_a_child_and_again_here_when_the_child_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(plots_module, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(torch_utils, "usable_cpus", lambda: 2)
     parent = os.getpid()
     for fail_in_child, expected in ((False, "child"), (True, "parent")):
         record = tmp_path / f"{expected}.txt"
@@ -193,7 +193,7 @@ def test_drawn_alongside_draws_in_a_child_and_again_here_when_the_child_fails(
             pass
         pids = [int(line) for line in record.read_text().split()]
         assert len(pids) == 1 and (pids[0] == parent) == (expected == "parent")
-    monkeypatch.setattr(plots_module, "usable_cpus", lambda: 1)  # one CPU: drawn here, after the block
+    monkeypatch.setattr(torch_utils, "usable_cpus", lambda: 1)  # one CPU: drawn here, after the block
     record = tmp_path / "one-cpu.txt"
     with drawn_alongside(functools.partial(_record_pid, record, parent, False)):
         assert not record.exists()
