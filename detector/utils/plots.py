@@ -61,12 +61,13 @@ def new_figure(figsize: tuple[float, float], tight: bool = True) -> Figure:
 @contextmanager
 def drawn_alongside(draw: Callable[[], object]) -> Iterator[None]:
     """Calls ``draw`` (which saves its figures) in a forked child process while the ``with`` block draws others, so
-    two figures are drawn at once: matplotlib draws on one core. On Linux with two or more CPUs; elsewhere, or
-    when the child fails, ``draw`` runs here after the block. The child only writes files; nothing comes back."""
+    two figures are drawn at once: matplotlib draws on one core. On Linux with two or more CPUs, from a process
+    that may have children (not a daemon); elsewhere, or when the child fails, ``draw`` runs here after the block.
+    The child only writes files; nothing comes back."""
     from detector.utils.torch_utils import usable_cpus  # here: this module does not import torch otherwise
 
     child = None
-    if sys.platform.startswith("linux") and usable_cpus() > 1:
+    if sys.platform.startswith("linux") and usable_cpus() > 1 and not multiprocessing.current_process().daemon:
         child = multiprocessing.get_context("fork").Process(target=draw, name="plots", daemon=True)
         child.start()
     try:

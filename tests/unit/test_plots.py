@@ -4,6 +4,7 @@ compared with values worked out by hand (not with the metrics code's own arrays)
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -198,3 +199,19 @@ def test_drawn_alongside_draws_in_a_child_and_again_here_when_the_child_fails(
     with drawn_alongside(functools.partial(_record_pid, record, parent, False)):
         assert not record.exists()
     assert record.read_text().split() == [str(parent)]
+
+
+def _draw_in_a_daemon(record: Path) -> None:
+    with drawn_alongside(functools.partial(_record_pid, record, os.getpid(), False)):
+        pass
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the child process is forked on Linux only")
+def test_drawn_alongside_in_a_daemon_process_draws_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon process may not start children (multiprocessing refuses): the daemon draws itself."""
+    monkeypatch.setattr(torch_utils, "usable_cpus", lambda: 2)
+    record = tmp_path / "daemon.txt"
+    daemon = multiprocessing.get_context("fork").Process(target=_draw_in_a_daemon, args=(record,), daemon=True)
+    daemon.start()
+    daemon.join(60)
+    assert daemon.exitcode == 0 and record.read_text().split() == [str(daemon.pid)]
