@@ -128,9 +128,10 @@ def build_val_config(argv: Sequence[str] | None = None) -> ValConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
+        config = build_val_config(argv)  # before torch is imported: --help and a mistyped flag answer at once
         from detector.engine.validator import run_validation
 
-        run_validation(build_val_config(argv))
+        run_validation(config)
         return 0
 
     return run_cli(run)

@@ -1,4 +1,4 @@
-"""The entry points' exit: what run_cli leaves for the interpreter's shutdown."""
+"""The entry points' start and exit: what runs before the flags are parsed, and what run_cli leaves for the shutdown."""
 
 from __future__ import annotations
 
@@ -28,3 +28,23 @@ def test_run_cli_freezes_the_objects_left_at_exit_and_output_still_arrives() -> 
     assert lines[0] == "frozen during the command: False"
     assert lines[1] == "x" * 100_000
     assert lines[-1] == "frozen at exit: True"
+
+
+def test_val_help_and_a_mistyped_flag_answer_before_torch_is_imported() -> None:
+    script = textwrap.dedent(
+        """
+        import contextlib, io, sys
+        from detector.cli.val import main
+
+        for argv in (["--help"], ["--no-such-flag"]):
+            code = None
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                try:
+                    main(argv)
+                except SystemExit as stop:
+                    code = stop.code
+            print(argv[0], code, "torch" in sys.modules)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.split("\n")[:2] == ["--help 0 False", "--no-such-flag 2 False"]
