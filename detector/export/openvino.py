@@ -179,12 +179,11 @@ def quantize_openvino(ov_model: Any, ctx: ExportContext) -> Any:
     return quantized
 
 
-def pin_input_quantizers(ov_model: Any) -> int:
+def pin_input_quantizers(ov_model: Any) -> None:
     """Set every FakeQuantize that reads a model input to [0, 1] in :data:`IMAGE_LEVELS` levels - the input's own
-    values, uint8 pixels / 255, which it then passes unchanged. Returns how many it set."""
+    values, uint8 pixels / 255, which it then passes unchanged."""
     import openvino.opset13 as opset
 
-    pinned = 0
     for op in ov_model.get_ordered_ops():
         if op.get_type_name() != "FakeQuantize" or op.input_value(0).get_node().get_type_name() != "Parameter":
             continue
@@ -192,8 +191,6 @@ def pin_input_quantizers(ov_model: Any) -> int:
             shape = op.input_value(port).get_shape()
             op.input(port).replace_source_output(opset.constant(np.full(shape, value, np.float32)).output(0))
         op.set_levels(IMAGE_LEVELS)
-        pinned += 1
-    return pinned
 
 
 def openvino_float_ops(ov_model: Any) -> set[str]:
