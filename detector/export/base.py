@@ -287,16 +287,16 @@ class ExportContext:
             self._predictions[key] = RawOutput(model).eval()(images.to(self.device, dtype)).float().cpu()
         return self._predictions[key]
 
-    def onnx_file(self, flavor: str, half: bool, channels_last: bool = False) -> Path:
-        """An ONNX file of this model in ``work_dir`` (made once per flavor/precision/layout): "raw", "nms" or
-        "tensorrt"; ``channels_last`` as :func:`detector.export.onnx.write_onnx`."""
+    def onnx_file(self, flavor: str, half: bool, for_openvino: bool = False) -> Path:
+        """An ONNX file of this model in ``work_dir`` (made once per flavor/precision/target): "raw", "nms" or
+        "tensorrt"; ``for_openvino`` as :func:`detector.export.onnx.write_onnx`."""
         from detector.export.onnx import write_onnx
 
-        key = (flavor, half, channels_last)
+        key = (flavor, half, for_openvino)
         if key not in self._onnx_files or not self._onnx_files[key].is_file():
-            suffix = ("_fp16" if half else "") + ("_nhwc" if channels_last else "")
+            suffix = ("_fp16" if half else "") + ("_openvino" if for_openvino else "")
             path = self.work_dir / f"{self.output_stem.name}_{flavor}{suffix}.onnx"
-            write_onnx(self, path, flavor=flavor, half=half, simplify=False, channels_last=channels_last)
+            write_onnx(self, path, flavor=flavor, half=half, simplify=False, for_openvino=for_openvino)
             self._onnx_files[key] = path
         return self._onnx_files[key]
 

@@ -136,7 +136,7 @@ class OpenVINOFormat(Format):
 
         folder = self.output_path(ctx)
         folder.mkdir(parents=True, exist_ok=True)
-        ov_model = openvino.convert_model(str(ctx.onnx_file("raw", half=False, channels_last=True)))
+        ov_model = openvino.convert_model(str(ctx.onnx_file("raw", half=False, for_openvino=True)))
         metadata = {**ctx.metadata, "int8": self.uses_int8(ctx)}
         if metadata["int8"]:
             ov_model = quantize_openvino(ov_model, ctx)

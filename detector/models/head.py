@@ -72,6 +72,11 @@ class Detect(nn.Module):
         self.m = nn.ModuleList(nn.Conv2d(channels, self.no * self.na, 1) for channels in in_channels)
         self.dropout: nn.Module = nn.Identity()  # on the features, while training (detector.models.regularization)
         self.export = False
+        # The decode's form in traced graphs: "slices" (xy and wh from column slices, concatenated back with the
+        # scores) or "affine" (one multiply-add over whole rows: no split, no concatenation). The same numbers;
+        # ONNX Runtime runs the first faster, OpenVINO's CPU plugin the second (int8 yolov5n at 640: 3-4% less
+        # latency; it runs a split and a concatenation of 85-value rows in reference kernels).
+        self.traced_decode = "slices"
         self._grid_cache: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
@@ -91,21 +96,65 @@ class Detect(nn.Module):
         return raw
 
     def decode(self, raw: list[Tensor]) -> Tensor:
-        """Raw maps -> (B, N, 5 + nc): xywh in input pixels, objectness and class scores in [0, 1]."""
-        outputs = []
-        for level, prediction in enumerate(raw):
-            batch, _, height, width, _ = prediction.shape
-            if prediction.dtype == torch.bfloat16:
-                prediction = prediction.float()  # bf16's 8 bits would put boxes at 640 px off by up to 2 px
+        """Raw maps -> (B, N, 5 + nc): xywh in input pixels, objectness and class scores in [0, 1].
+
+        bf16 maps (CPU autocast) decode in fp32: bf16's 8 bits would put boxes at 640 px off by up to 2 px.
+        Run eagerly without gradients (inference, validation), the sigmoid of every level is written straight into
+        the one output tensor and xy, wh are finished in place on its columns: 1.9 against 10.1 ms for yolov5n at
+        640 (batch 1, 2 cores; concatenating the rows of 85 values back together cost most of it). Traced for an
+        export, or with gradients, it is the same arithmetic as a graph of its own (:attr:`traced_decode`).
+        """
+        exporting = self.export or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        if exporting or (torch.is_grad_enabled() and any(p.requires_grad for p in raw)):
+            return torch.cat([self._decode_level(level, p) for level, p in enumerate(raw)], 1)
+        return self._decode_in_place(raw)
+
+    def _decode_in_place(self, raw: list[Tensor]) -> Tensor:
+        batch = raw[0].shape[0]
+        dtype = torch.float32 if raw[0].dtype == torch.bfloat16 else raw[0].dtype
+        counts = [p.shape[1] * p.shape[2] * p.shape[3] for p in raw]
+        output = torch.empty(batch, sum(counts), self.no, dtype=dtype, device=raw[0].device)
+        for level, (prediction, rows) in enumerate(zip(raw, output.split(counts, 1), strict=True)):
+            _, _, height, width, _ = prediction.shape
+            y = rows.view(batch, self.na, height, width, self.no)
+            torch.sigmoid(prediction.to(dtype), out=y)
             stride = self.stride[level]
-            grid_pixels = self._grid(height, width, prediction.dtype, prediction.device) * stride
-            # (2 * sigmoid)^2 * anchor_pixels, with the constant 4 folded into the (na)-sized anchor tensor.
-            anchor_pixels_x4 = (self.anchors[level] * (stride * 4)).view(1, self.na, 1, 1, 2).to(prediction.dtype)
-            y = prediction.sigmoid()
+            y[..., :2].mul_(stride * 2).add_(self._grid(height, width, dtype, y.device) * stride)
+            y[..., 2:4].square_().mul_(self._anchor_pixels_x4(level, dtype))
+        return output
+
+    def _decode_level(self, level: int, prediction: Tensor) -> Tensor:
+        """One level's (B, na * H * W, no) rows as graph operations, in the form :attr:`traced_decode` names."""
+        batch, _, height, width, _ = prediction.shape
+        if prediction.dtype == torch.bfloat16:
+            prediction = prediction.float()
+        dtype, device = prediction.dtype, prediction.device
+        stride = self.stride[level].to(dtype)
+        grid_pixels = self._grid(height, width, dtype, device) * stride  # (1, 1, H, W, 2)
+        y = prediction.sigmoid()
+        if self.traced_decode == "slices":
             xy = y[..., :2] * (stride * 2) + grid_pixels  # == (2 * sigmoid - 0.5 + grid) * stride
-            wh = y[..., 2:4].square() * anchor_pixels_x4
-            outputs.append(torch.cat((xy, wh, y[..., 4:]), -1).view(batch, -1, self.no))
-        return torch.cat(outputs, 1)
+            wh = y[..., 2:4].square() * self._anchor_pixels_x4(level, dtype)
+            decoded = torch.cat((xy, wh, y[..., 4:]), -1)
+        else:  # "affine": y * (gain + y * square_gain) + offset over whole rows, with per-column constants
+            columns = torch.arange(self.no, device=device)
+            is_x, is_y = (columns == 0).to(dtype), (columns == 1).to(dtype)
+            gain = torch.where(columns < 2, stride * 2, (columns >= 4).to(dtype))  # (no,): 2 stride, 0, 1
+            square_gain = torch.cat(
+                (
+                    torch.zeros(1, self.na, 1, 1, 2, dtype=dtype, device=device),
+                    self._anchor_pixels_x4(level, dtype),
+                    torch.zeros(1, self.na, 1, 1, self.no - 4, dtype=dtype, device=device),
+                ),
+                -1,
+            )
+            offset = grid_pixels[..., :1] * is_x + grid_pixels[..., 1:] * is_y
+            decoded = y * (gain + y * square_gain) + offset
+        return decoded.view(batch, -1, self.no)
+
+    def _anchor_pixels_x4(self, level: int, dtype: torch.dtype) -> Tensor:
+        """(1, na, 1, 1, 2) anchor sizes in pixels times 4: wh = (2 * sigmoid)^2 * anchor = sigmoid^2 * this."""
+        return (self.anchors[level] * (self.stride[level] * 4)).view(1, self.na, 1, 1, 2).to(dtype)
 
     def _grid(self, height: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """(1, 1, H, W, 2) cell offsets (x - 0.5, y - 0.5) in grid units, cached per shape outside of exports."""

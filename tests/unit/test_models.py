@@ -273,6 +273,29 @@ def test_decode_follows_the_yolov5_formula() -> None:
     assert torch.allclose(decoded[0, 0], torch.tensor([4.0, 4.0, 10.0, 20.0, 0.5, 0.5, 0.5]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_in_place_and_both_traced_forms_agree(dtype: torch.dtype) -> None:
+    """The eager decode (sigmoids written into one output, xy and wh finished in place), the traced "slices" form
+    (ONNX Runtime's graph) and the "affine" form (OpenVINO's) are the same arithmetic: equal to float rounding,
+    for a batch of 2 and levels of different shapes; and with gradients the decode is differentiable."""
+    detect = _detect_with_strides(nc=3)
+    raw = [torch.randn(2, 2, 3, 5, 8).to(dtype) * 3, torch.randn(2, 2, 2, 2, 8).to(dtype) * 3]
+    with torch.no_grad():
+        eager = detect.decode(raw)
+        detect.export = True
+        traced = {}
+        for form in ("slices", "affine"):
+            detect.traced_decode = form
+            traced[form] = detect.decode(raw)
+    assert eager.dtype == torch.float32 and eager.shape == (2, 2 * 15 + 2 * 4, 8)
+    for form, decoded in traced.items():
+        torch.testing.assert_close(decoded, eager, rtol=1e-6, atol=1e-4, msg=form)
+    detect.export = False
+    leaf = [r.float().requires_grad_() for r in raw]
+    detect.decode(leaf)[..., 2].sum().backward()  # widths: only their own logits move them
+    assert leaf[0].grad[..., 2].abs().min() > 0 and leaf[0].grad[..., [0, 1, 3, 4]].abs().max() == 0
+
+
 def test_raw_maps_are_the_same_from_nchw_and_channels_last_features() -> None:
     # The head's two layout branches against the plain definition: the 1x1 conv output's channel a * no + k is
     # raw[a, y, x, k] (YOLOv5's view + permute), whichever memory format the features come in.
