@@ -136,7 +136,7 @@ class Detect(nn.Module):
             xy = y[..., :2] * (stride * 2) + grid_pixels  # == (2 * sigmoid - 0.5 + grid) * stride
             wh = y[..., 2:4].square() * self._anchor_pixels_x4(level, dtype)
             decoded = torch.cat((xy, wh, y[..., 4:]), -1)
-        else:  # "affine": y * (gain + y * square_gain) + offset over whole rows, with per-column constants
+        elif self.traced_decode == "affine":  # y * (gain + y * square_gain) + offset, per-column constants
             columns = torch.arange(self.no, device=device)
             is_x, is_y = (columns == 0).to(dtype), (columns == 1).to(dtype)
             gain = torch.where(columns < 2, stride * 2, (columns >= 4).to(dtype))  # (no,): 2 stride, 0, 1
@@ -150,6 +150,8 @@ class Detect(nn.Module):
             )
             offset = grid_pixels[..., :1] * is_x + grid_pixels[..., 1:] * is_y
             decoded = y * (gain + y * square_gain) + offset
+        else:
+            raise ValueError(f"Detect.traced_decode: expected 'slices' or 'affine', got {self.traced_decode!r}")
         return decoded.view(batch, -1, self.no)
 
     def _anchor_pixels_x4(self, level: int, dtype: torch.dtype) -> Tensor:
