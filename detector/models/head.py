@@ -44,6 +44,12 @@ def _anchor_tensor(anchors: Sequence[Sequence[float]] | int, num_levels: int) ->
     return torch.tensor(flat, dtype=torch.float32).view(num_levels, -1, 2)
 
 
+def _decode_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype raw maps decode in: their own, but fp32 for bf16 (CPU autocast), whose 8 bits would put boxes at
+    640 px off by up to 2 px."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
 @register
 class Detect(nn.Module):
     """YOLOv5 head over ``nl`` feature maps with ``na`` anchors per level.
@@ -98,11 +104,11 @@ class Detect(nn.Module):
     def decode(self, raw: list[Tensor]) -> Tensor:
         """Raw maps -> (B, N, 5 + nc): xywh in input pixels, objectness and class scores in [0, 1].
 
-        bf16 maps (CPU autocast) decode in fp32: bf16's 8 bits would put boxes at 640 px off by up to 2 px.
-        Run eagerly without gradients (inference, validation), the sigmoid of every level is written straight into
-        the one output tensor and xy, wh are finished in place on its columns: 1.9 against 10.1 ms for yolov5n at
-        640 (batch 1, 2 cores; concatenating the rows of 85 values back together cost most of it). Traced for an
-        export, or with gradients, it is the same arithmetic as a graph of its own (:attr:`traced_decode`).
+        bf16 maps (CPU autocast) decode in fp32 (:func:`_decode_dtype`). Run eagerly without gradients (inference,
+        validation), the sigmoid of every level is written straight into the one output tensor and xy, wh are
+        finished in place on its columns: 1.9 against 10.1 ms for yolov5n at 640 (batch 1, 2 cores; concatenating
+        the rows of 85 values back together cost most of it). Traced for an export, or with gradients, it is the
+        same arithmetic as a graph of its own (:attr:`traced_decode`).
         """
         exporting = self.export or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         if exporting or (torch.is_grad_enabled() and any(p.requires_grad for p in raw)):
@@ -111,7 +117,7 @@ class Detect(nn.Module):
 
     def _decode_in_place(self, raw: list[Tensor]) -> Tensor:
         batch = raw[0].shape[0]
-        dtype = torch.float32 if raw[0].dtype == torch.bfloat16 else raw[0].dtype
+        dtype = _decode_dtype(raw[0].dtype)
         counts = [p.shape[1] * p.shape[2] * p.shape[3] for p in raw]
         output = torch.empty(batch, sum(counts), self.no, dtype=dtype, device=raw[0].device)
         for level, (prediction, rows) in enumerate(zip(raw, output.split(counts, 1), strict=True)):
@@ -126,8 +132,7 @@ class Detect(nn.Module):
     def _decode_level(self, level: int, prediction: Tensor) -> Tensor:
         """One level's (B, na * H * W, no) rows as graph operations, in the form :attr:`traced_decode` names."""
         batch, _, height, width, _ = prediction.shape
-        if prediction.dtype == torch.bfloat16:
-            prediction = prediction.float()
+        prediction = prediction.to(_decode_dtype(prediction.dtype))
         dtype, device = prediction.dtype, prediction.device
         stride = self.stride[level].to(dtype)
         grid_pixels = self._grid(height, width, dtype, device) * stride  # (1, 1, H, W, 2)
