@@ -8,6 +8,7 @@ seed and epoch only, the same with 0 or 8 workers and on every DDP rank.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import random
@@ -21,7 +22,9 @@ from torch.utils.data import DataLoader, Sampler
 
 from detector.config import Hyperparameters
 from detector.data.dataset import SourceSpec, YOLODataset
+from detector.data.shared_batches import BatchSlots, by_value
 from detector.data.weights import labels_to_class_weights, labels_to_image_weights, repeat_factors
+from detector.utils.torch_utils import usable_cpus
 
 LOGGER = logging.getLogger(__name__)
 
@@ -152,31 +155,43 @@ class DetectionSampler(Sampler[tuple[int, int]]):
         return self._per_rank
 
 
-def collate_fn(batch: Sequence[tuple]) -> Batch:
-    """Stack items: ``(images (B, 3, H, W) uint8, targets (N, 6) [image_index, class, x, y, w, h], paths, shapes)``."""
+def collate_fn(batch: Sequence[tuple], slots: BatchSlots | None = None) -> Batch:
+    """Stack items: ``(images (B, 3, H, W) uint8, targets (N, 6) [image_index, class, x, y, w, h], paths, shapes)``.
+
+    In a loader worker with ``slots`` the images go into one of the worker's shared-memory slots and the targets
+    travel by value (:mod:`detector.data.shared_batches`); the main process receives the same tensors.
+    """
+    images, targets, paths, shapes = _collate(batch)
+    arrays = [image.numpy() for image in images]
+    # NumPy's single-threaded copy: torch.stack's thread pool stalls for 100s of ms on a busy CPU.
+    stacked = slots.stack(arrays) if slots is not None else torch.from_numpy(np.stack(arrays))
+    return stacked, by_value(targets), paths, shapes
+
+
+def _collate(batch: Sequence[tuple]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, tuple, tuple]:
+    """The items' images (unstacked), their targets with the image index filled in, paths and shapes."""
     images, labels, paths, shapes = zip(*batch, strict=True)
     for index, image_labels in enumerate(labels):
         image_labels[:, 0] = index
-    # NumPy's single-threaded copy: torch.stack's thread pool stalls for 100s of ms on a busy CPU.
-    stacked = torch.from_numpy(np.stack([image.numpy() for image in images]))
-    return stacked, torch.cat(labels), tuple(paths), tuple(shapes)
+    return images, torch.cat(labels), tuple(paths), tuple(shapes)
 
 
-def collate_quad(batch: Sequence[tuple]) -> Batch:
+def collate_quad(batch: Sequence[tuple], slots: BatchSlots | None = None) -> Batch:
     """YOLOv5's ``--quad``: every 4 items become 1 image of twice the size (batch B -> B // 4).
 
     Either the first of the four is upscaled 2x (labels unchanged, being normalised), or the four are tiled
     2x2 (item 0 top-left, 1 bottom-left, 2 top-right, 3 bottom-right; labels halved and shifted).
     Leftover items beyond a multiple of 4 are dropped. The choice uses torch's RNG (seeded per worker).
+    ``slots``: as for :func:`collate_fn`.
     """
-    images, targets, paths, shapes = collate_fn(batch)
+    images, targets, paths, shapes = _collate(batch)
     count = len(images) // 4
     offsets = torch.tensor([[0.0, 0.0], [0.0, 0.5], [0.5, 0.0], [0.5, 0.5]])  # (x, y) of each tile
     quad_images, quad_labels = [], []
     for quad in range(count):
         first = 4 * quad
         if torch.rand(1).item() < 0.5:
-            upscaled = F.interpolate(images[first : first + 1].float(), scale_factor=2.0, mode="bilinear")
+            upscaled = F.interpolate(images[first][None].float(), scale_factor=2.0, mode="bilinear")
             quad_images.append(upscaled[0].round_().clamp_(0, 255).to(torch.uint8))
             labels = targets[targets[:, 0] == first].clone()
         else:
@@ -192,9 +207,11 @@ def collate_quad(batch: Sequence[tuple]) -> Batch:
             labels = torch.cat(parts)
         labels[:, 0] = quad
         quad_labels.append(labels)
+    arrays = [image.numpy() for image in quad_images]
+    stacked = slots.stack(arrays) if slots is not None else torch.from_numpy(np.stack(arrays))
     return (
-        torch.stack(quad_images),
-        torch.cat(quad_labels) if quad_labels else targets[:0],
+        stacked,
+        by_value(torch.cat(quad_labels) if quad_labels else targets[:0]),
         paths[: 4 * count : 4],
         shapes[: 4 * count : 4],
     )
@@ -252,9 +269,19 @@ def keep_freed_memory(largest_block: int = 64 << 20) -> bool:
 
 
 def worker_count(requested: int, batch_size: int, world_size: int = 1) -> int:
-    """Workers per process: at most ``requested``, the CPUs per process and the batch size (0 = main process)."""
-    cpus = (os.cpu_count() or 1) // max(world_size, 1)
+    """Workers per process: at most ``requested``, the CPUs per process (of those this process may run on) and the
+    batch size (0 = main process)."""
+    cpus = usable_cpus() // max(world_size, 1)
     return max(0, min(requested, cpus, batch_size if batch_size > 1 else 0))
+
+
+def batch_slots(dataset: YOLODataset, batch_size: int, workers: int) -> BatchSlots | None:
+    """Shared-memory slots for the workers' batches (:mod:`detector.data.shared_batches`), each the size of the
+    largest batch the dataset can make (with ``rect``, its largest letterbox shape); None without workers."""
+    if workers == 0:
+        return None
+    areas = dataset.batch_shapes.prod(1) if dataset.rect and len(dataset.batch_shapes) else [dataset.imgsz**2]
+    return BatchSlots(workers, capacity=batch_size * 3 * int(max(areas)))
 
 
 def create_dataloader(
@@ -365,7 +392,9 @@ def create_dataloader(
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
-        collate_fn=collate_quad if quad else collate_fn,
+        collate_fn=functools.partial(
+            collate_quad if quad else collate_fn, slots=batch_slots(dataset, batch_size, num_workers)
+        ),
         persistent_workers=num_workers > 0,  # reuse workers across epochs instead of forking new ones
         worker_init_fn=_seed_worker,
         generator=generator,

@@ -1,7 +1,10 @@
-"""Loader machinery: collates (standard and quad), the DDP/weighted sampler, seeding, worker counts, weights."""
+"""Loader machinery: collates (standard and quad), the DDP/weighted sampler, seeding, worker counts, weights, and
+the shared-memory batch slots (workers' batches arrive intact, kept batches are never overwritten, slots come back)."""
 
 from __future__ import annotations
 
+import functools
+import gc
 import pickle
 import threading
 from pathlib import Path
@@ -10,10 +13,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 import detector.data.loader as loader_module
 from detector.config import Hyperparameters
 from detector.data.loader import DetectionSampler, collate_fn, collate_quad, create_dataloader, worker_count
+from detector.data.shared_batches import BatchSlots
 from detector.data.weights import (
     class_counts,
     labels_to_class_weights,
@@ -167,11 +172,12 @@ def test_class_balanced_sampling_draws_rare_class_images_by_their_repeat_factor(
         create_dataloader(images, imgsz=64, batch_size=2, workers=0, image_weights=True, class_balanced=0.5)
 
 
-def test_worker_count_is_capped() -> None:
-    cpus = __import__("os").cpu_count() or 1
-    assert worker_count(64, 16) == min(64, cpus)
+def test_worker_count_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loader_module, "usable_cpus", lambda: 4)  # e.g. taskset -c 0-3 on a 16-CPU machine
+    assert worker_count(64, 16) == 4
     assert worker_count(8, 1) == 0  # batch of one: the main process is enough
-    assert worker_count(8, 16, world_size=cpus * 2) == 0
+    assert worker_count(8, 16, world_size=2) == 2
+    assert worker_count(8, 16, world_size=8) == 0
     assert worker_count(0, 16) == 0
 
 
@@ -279,3 +285,77 @@ def test_image_weights_come_from_rank_zero_under_ddp(monkeypatch: pytest.MonkeyP
     sampler = DetectionSampler(4, seed=0, rank=1, world_size=2)
     sampler.set_image_weights(np.ones(4))  # this rank's own weights are replaced by rank 0's
     assert [index for index, _ in sampler] == [2, 2]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batch slots in shared memory (detector.data.shared_batches)
+
+
+def in_slots(tensor: torch.Tensor, slots: BatchSlots) -> bool:
+    start = slots.memory.data_ptr()
+    return start <= tensor.data_ptr() < start + slots.memory.nbytes()
+
+
+def test_workers_batches_match_the_main_process_and_survive_slot_reuse(tmp_path: Path) -> None:
+    """One worker with 4 slots hands out 8 batches that are all kept: the first 4 come in slots, the rest the usual
+    way (no slot is free), and every one equals the batch the main process makes itself. Freed, the slots return."""
+    images = make_dataset(tmp_path, count=16)
+    options = {"imgsz": 64, "batch_size": 2, "augment": True, "shuffle": True, "num_classes": 3, "seed": 5}
+    reference, _ = create_dataloader(images, workers=0, **options)
+    loader, _ = create_dataloader(images, workers=1, **options)
+    slots = loader.collate_fn.keywords["slots"]
+    assert isinstance(slots, BatchSlots) and reference.collate_fn.keywords["slots"] is None
+    expected, kept = list(reference), list(loader)
+    assert len(kept) == 8
+    assert [in_slots(batch[0], slots) for batch in kept] == [True] * 4 + [False] * 4
+    assert int(slots.taken.sum()) == 4
+    for (images_a, targets_a, paths_a, _), (images_b, targets_b, paths_b, _) in zip(expected, kept, strict=True):
+        assert torch.equal(images_a, images_b) and torch.equal(targets_a, targets_b) and paths_a == paths_b
+    del kept, images_b, targets_b
+    gc.collect()
+    assert int(slots.taken.sum()) == 0
+    # consumed one at a time, as a trainer does, every batch comes in a slot
+    assert all(in_slots(batch[0], slots) for batch in loader)
+
+
+def test_a_slot_is_released_with_the_last_tensor_over_it() -> None:
+    slots = BatchSlots(workers=1, capacity=2 * 3 * 4 * 4, slots_per_worker=2)
+    slots.taken[0, 1] = 1  # as a worker claims it
+    batch = slots.open(0, 1, (2, 3, 4, 4))
+    assert batch.shape == (2, 3, 4, 4) and in_slots(batch, slots)
+    view = batch[1, :, 1:3]
+    del batch
+    gc.collect()
+    assert slots.taken.tolist() == [[0, 1]]  # the view still reads the slot
+    del view
+    gc.collect()
+    assert slots.taken.tolist() == [[0, 0]]
+
+
+def test_spawned_workers_fill_slots_and_oversized_batches_fall_back() -> None:
+    """With the spawn start method (macOS, Windows) the slots reach the workers pickled; a batch larger than a slot
+    is sent the usual way."""
+    rng = np.random.default_rng(0)
+    items = [
+        (torch.from_numpy(rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)), torch.rand(index % 3, 6), f"{index}", None)
+        for index in range(12)
+    ]
+    slots = BatchSlots(workers=2, capacity=3 * 3 * 8 * 8, context="spawn")  # room for batches of 3, not of 4
+    loaders = [
+        DataLoader(
+            items,  # a list is a dataset: nothing to import in the spawned workers
+            batch_size=size,
+            num_workers=2,
+            collate_fn=functools.partial(collate_fn, slots=slots),
+            multiprocessing_context="spawn",
+        )
+        for size in (3, 4)
+    ]
+    for loader, slotted in zip(loaders, (True, False), strict=True):
+        for number, (batch, targets, paths, _) in enumerate(loader):
+            chunk = items[number * loader.batch_size : (number + 1) * loader.batch_size]
+            assert torch.equal(batch, torch.stack([entry[0] for entry in chunk]))
+            assert targets.shape == (sum(len(entry[1]) for entry in chunk), 6)
+            assert paths == tuple(entry[2] for entry in chunk)
+            assert in_slots(batch, slots) is slotted
+            del batch
