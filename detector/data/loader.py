@@ -318,7 +318,8 @@ def create_dataloader(
     """A DataLoader over a :class:`YOLODataset` and the dataset itself.
 
     ``rank`` >= 0 splits the images between DDP processes (``world_size`` defaults to torch.distributed's).
-    ``batch_size`` is per process. Workers stay alive across epochs; memory is pinned when CUDA is present.
+    ``batch_size`` is per process. Workers stay alive across epochs and hand their batches over in shared-memory
+    slots (:func:`batch_slots`); memory is pinned when CUDA is present.
     ``image_weights`` starts from inverse class frequencies; update with ``loader.sampler.set_image_weights``.
     ``class_balanced`` > 0 draws images by their repeat factors (:func:`~detector.data.weights.repeat_factors`).
     ``repeat_aug`` K > 1 puts K differently augmented copies of each drawn image in a batch (see the sampler);
