@@ -504,8 +504,8 @@ def train_run(config: TrainConfig, keep_weights: bool = False) -> RunResult:
     """Train one run (:func:`ablation_trainer`, with a :class:`ThroughputMeter`); its result is the validation of
     its last epoch (validated now if a stop left it unvalidated). Any exception (divergence, out of memory, an
     impossible value) is the run's result (``failed``), not the ablation's end; only Ctrl-C stops it."""
-    from detector.engine.trainer import release_memory
     from detector.ops.metrics import fitness
+    from detector.utils.memory import release_memory
 
     meter = ThroughputMeter()
     started = time.perf_counter()

@@ -7,7 +7,6 @@ seed and epoch only, the same with 0 or 8 workers and on every DDP rank.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os
@@ -24,6 +23,7 @@ from detector.config import Hyperparameters
 from detector.data.dataset import SourceSpec, YOLODataset
 from detector.data.shared_batches import BatchSlots, by_value
 from detector.data.weights import labels_to_class_weights, labels_to_image_weights, repeat_factors
+from detector.utils.memory import keep_freed_memory
 from detector.utils.torch_utils import usable_cpus
 
 LOGGER = logging.getLogger(__name__)
@@ -244,28 +244,6 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
     random.seed(seed)
     keep_freed_memory()
-
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-try:  # loaded here, in the parent: dlopen in a worker forked from a multi-threaded process can deadlock
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
-except OSError:
-    _LIBC = None
-
-
-def keep_freed_memory(largest_block: int = 64 << 20) -> bool:
-    """Make glibc's malloc keep the memory this process frees, instead of handing it back to the kernel.
-
-    By default an image-sized block (over 128 KB, then the largest freed so far) is mmap'ed and unmapped again
-    once freed, and heap space over twice that is trimmed: every image and batch of the next item is then new
-    memory that faults in page by page, which costs 2-4 us a page in a virtual machine - 0.5-1 ms of every
-    640 px item. A loader worker holds a few images at a time, so its memory stays small. Returns False where
-    there is no glibc (macOS, musl): nothing changes there.
-    """
-    if _LIBC is None or not hasattr(_LIBC, "mallopt"):
-        return False
-    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, largest_block) and _LIBC.mallopt(_M_TRIM_THRESHOLD, 4 * largest_block))
 
 
 def worker_count(requested: int, batch_size: int, world_size: int = 1) -> int:

@@ -28,9 +28,7 @@ What makes a run safe to interrupt and repeat:
 from __future__ import annotations
 
 import copy
-import ctypes
 import dataclasses
-import gc
 import importlib.util
 import logging
 import os
@@ -38,7 +36,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -94,6 +92,7 @@ from detector.utils.checkpoint import load_checkpoint
 from detector.utils.checks import check_imgsz, round_to_stride
 from detector.utils.files import increment_path
 from detector.utils.logging import add_file_log, remove_file_log, setup_logging, start_log_buffer
+from detector.utils.memory import keep_freed_memory, release_memory
 from detector.utils.plots import plot_labels
 from detector.utils.torch_utils import (
     buffers_kept,
@@ -274,14 +273,6 @@ def resize_batch(images: torch.Tensor, size: int, stride: int) -> torch.Tensor:
     return F.interpolate(images, size=shape, mode="bilinear", align_corners=False)
 
 
-def release_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it otherwise): between training and validation the
-    allocation sizes change, and without this the process's resident memory grows by the validation's share."""
-    gc.collect()
-    with suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The trainer
 
@@ -319,6 +310,7 @@ class Trainer:
         try:
             self._read_inputs(model, loss, train_loader)
             self._make_run_folder()  # every option and input checked: from here on the run writes files
+            keep_freed_memory()  # training steps reuse the memory the last one freed: no page faults (12% of a step)
             self._prepare_model(new_run=self.resume_checkpoint is None)
             self.ema = self.build_ema() if self.is_main else None
             self.optimizer = self.build_optimizer()

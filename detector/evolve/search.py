@@ -45,7 +45,7 @@ from detector.config import (
 from detector.engine.callbacks import Callback, Callbacks
 from detector.engine.hooks import EarlyStopping, EMAHook, LRScheduleHook, TimeBudget, ValidationHook
 from detector.engine.loggers import ConsoleLogger, CSVLogger, resident_memory_bytes
-from detector.engine.trainer import Trainer, release_memory
+from detector.engine.trainer import Trainer
 from detector.errors import ConfigError
 from detector.evolve.records import (
     EvolveTable,
@@ -60,6 +60,7 @@ from detector.evolve.space import SearchSpace
 from detector.evolve.strategies import Strategy, TrialRecord, build_strategy
 from detector.utils.files import atomic_write, increment_path
 from detector.utils.logging import add_file_log, remove_file_log
+from detector.utils.memory import release_memory
 
 LOGGER = logging.getLogger(__name__)
 

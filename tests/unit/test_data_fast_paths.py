@@ -310,7 +310,7 @@ def test_ram_cached_store_gives_the_same_items(photos: Path) -> None:
 # process (a pytest worker after many tests) may already keep its memory and would show no difference.
 _MEASURE = """
 import resource, numpy as np
-from detector.data.loader import keep_freed_memory
+from detector.utils.memory import keep_freed_memory
 
 def item():  # the arrays of one 640 px item: picture, output, HSV copy and planes, flip, the CHW tensor returned
     picture, out = np.ones((480, 640, 3), np.uint8), np.ones((640, 640, 3), np.uint8)
