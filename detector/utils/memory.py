@@ -21,8 +21,9 @@ def keep_freed_memory(largest_block: int = 64 << 20) -> bool:
     once freed, and heap space over twice that is trimmed: every image and batch of the next item is then new
     memory that faults in page by page, which costs 2-4 us a page in a virtual machine: 0.5-1 ms of every 640 px
     item in a loader worker, and about 24,000 faults (12% of the time) of every yolov5n training step at 320, batch
-    16, on the CPU. Loader workers and the training process call it; :func:`release_memory` still hands the memory
-    back where the trainer asks (between training and validation). Returns False where there is no glibc (macOS,
+    16, on the CPU, and 15-20% of val.py's forward time at 320. Loader workers, the training process and val.py
+    call it; :func:`release_memory` still hands the memory back where the trainer asks (between training and
+    validation). Returns False where there is no glibc (macOS,
     musl): nothing changes there.
     """
     if _LIBC is None or not hasattr(_LIBC, "mallopt"):

@@ -15,6 +15,7 @@ import pytest
 import tiny_runs
 import torch
 import yaml
+from page_faults import faults_of_a_48mb_block
 
 from detector.config import TrainConfig, load_hyp
 from detector.data.loader import create_dataloader
@@ -190,25 +191,13 @@ def test_autobatch_on_cpu_says_it_is_cuda_only_and_uses_the_default(tiny, tmp_pa
     assert saved["batch_size"] == 16  # the run records the batch it used: --resume repeats it
 
 
-def _faults_of_a_48mb_block(times: int = 5) -> int:
-    """Minor page faults of allocating, filling and freeing a 48 MB array ``times`` times: glibc maps a block over
-    its mmap threshold (at most 32 MB by default) anew each time, so every page faults in again."""
-    import resource
-
-    torch.ones(48 << 20, dtype=torch.uint8)  # once, so only reuse is counted (torch: 4 KB pages, NumPy: huge pages)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(times):
-        torch.ones(48 << 20, dtype=torch.uint8)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 @pytest.mark.fresh_process  # the malloc policy is the process's (tests/conftest.py)
 def test_the_training_process_keeps_the_memory_it_frees(tiny, tmp_path):
     """A training step frees and reallocates the same activation sizes; glibc hands large blocks back and faults them
     in again (24,000 faults, 12% of a yolov5n step at 320 on the CPU). After a Trainer is built, they are reused."""
-    default = _faults_of_a_48mb_block()
+    default = faults_of_a_48mb_block()
     Trainer(tiny_config(tiny, tmp_path))
-    kept = _faults_of_a_48mb_block()
+    kept = faults_of_a_48mb_block()
     assert default > 5 * 12_000 * 0.9, default  # 48 MB = 12,288 pages, every time
     assert kept < 12_288 + 500, kept  # reused: at most once more (where the heap had to move), not 5 times

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from page_faults import faults_of_a_48mb_block
 
 from detector.config import Hyperparameters, ValConfig
 from detector.data.dataset_config import COCO80_TO_COCO91, load_dataset_config
@@ -250,3 +251,16 @@ def test_acceptance_coco128_official_weights(tmp_path: Path, coco128_dir: Path, 
     # pycocotools on YOLOv5's predictions (REFERENCE.md): 0.576 / 0.370. Ours measured 0.575 / 0.370.
     assert (coco_map50, coco_map) == pytest.approx((0.576, 0.370), abs=0.003)
     assert (our_map50, our_map) == pytest.approx((coco_map50, coco_map), abs=0.001)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.fresh_process  # the malloc policy is the process's (tests/conftest.py)
+def test_val_py_keeps_the_memory_it_frees(tmp_path: Path, subset_yaml: Path, yolov5n_ours: Path) -> None:
+    """val.py's batches reuse the memory the last forward freed (a 48 MB block: refaulted every time before)."""
+    default = faults_of_a_48mb_block()
+    run_validation(
+        ValConfig(weights=str(yolov5n_ours), data=str(subset_yaml), imgsz=160, workers=0, project=str(tmp_path))
+    )
+    kept = faults_of_a_48mb_block()
+    assert default > 5 * 12_000 * 0.9, default  # 48 MB = 12,288 pages, every time
+    assert kept < 12_288 + 500, kept  # reused: at most once more (where the heap had to move), not 5 times
