@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from detector.config import Hyperparameters
 from detector.data.dataset import SourceSpec, YOLODataset
-from detector.data.shared_batches import BatchSlots, by_value
+from detector.data.shared_batches import BatchSlots, SlotImages, by_value
 from detector.data.weights import labels_to_class_weights, labels_to_image_weights, repeat_factors
 from detector.utils.memory import keep_freed_memory
 from detector.utils.torch_utils import usable_cpus
@@ -162,10 +162,15 @@ def collate_fn(batch: Sequence[tuple], slots: BatchSlots | None = None) -> Batch
     travel by value (:mod:`detector.data.shared_batches`); the main process receives the same tensors.
     """
     images, targets, paths, shapes = _collate(batch)
+    return _stack(images, slots), by_value(targets), paths, shapes
+
+
+def _stack(images: Sequence[torch.Tensor], slots: BatchSlots | None) -> torch.Tensor | SlotImages:
+    """The uint8 batch; with ``slots``, in a worker, a :class:`SlotImages` that arrives in the main process as the
+    tensor (see :func:`collate_fn`)."""
     arrays = [image.numpy() for image in images]
     # NumPy's single-threaded copy: torch.stack's thread pool stalls for 100s of ms on a busy CPU.
-    stacked = slots.stack(arrays) if slots is not None else torch.from_numpy(np.stack(arrays))
-    return stacked, by_value(targets), paths, shapes
+    return slots.stack(arrays) if slots is not None else torch.from_numpy(np.stack(arrays))
 
 
 def _collate(batch: Sequence[tuple]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, tuple, tuple]:
@@ -207,10 +212,8 @@ def collate_quad(batch: Sequence[tuple], slots: BatchSlots | None = None) -> Bat
             labels = torch.cat(parts)
         labels[:, 0] = quad
         quad_labels.append(labels)
-    arrays = [image.numpy() for image in quad_images]
-    stacked = slots.stack(arrays) if slots is not None else torch.from_numpy(np.stack(arrays))
     return (
-        stacked,
+        _stack(quad_images, slots),
         by_value(torch.cat(quad_labels) if quad_labels else targets[:0]),
         paths[: 4 * count : 4],
         shapes[: 4 * count : 4],
