@@ -732,7 +732,7 @@ def create_val_dataloader(
     from torch.utils.data import DataLoader
 
     from detector.data.dataset import YOLODataset
-    from detector.data.loader import batch_slots, collate_fn, same_shape_batches, worker_count
+    from detector.data.loader import collate_fn, same_shape_batches, worker_count
 
     sources = data.split(split)
     if not sources:
@@ -757,7 +757,7 @@ def create_val_dataloader(
         dataset,
         batch_sampler=same_shape_batches(dataset.batch_index, dataset.batch_shapes, batch_size, len(dataset)),
         num_workers=num_workers,
-        collate_fn=functools.partial(collate_fn, slots=batch_slots(dataset, batch_size, num_workers)),
+        collate_fn=collate_fn,  # no shared-memory slots: idle between validations, they would hold their pages
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,  # the trainer validates every epoch: keep the workers
     )
