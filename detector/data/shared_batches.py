@@ -54,16 +54,7 @@ class BatchSlots:
         self.lock = (context if isinstance(context, BaseContext) else multiprocessing.get_context(context)).Lock()
         _REGISTRY[self.key] = self
 
-    def __getstate__(self) -> dict[str, Any]:  # spawned workers: torch shares the memory, not a copy
-        return {
-            "key": self.key,
-            "capacity": self.capacity,
-            "memory": self.memory,
-            "taken": self.taken,
-            "lock": self.lock,
-        }
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:  # in a spawned worker (torch shares the memory)
         self.__dict__.update(state)
         _REGISTRY[self.key] = self
 
@@ -87,12 +78,10 @@ class BatchSlots:
         with self.lock:
             self.taken.numpy()[worker, slot] = 0
 
-    def stack(self, images: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor | SlotImages:
-        """``np.stack(images)`` as uint8 (B, ...): into a free slot in a worker, else a tensor of its own.
-
-        In a worker the result is a :class:`SlotImages`, which arrives in the main process as the tensor.
+    def stack(self, arrays: Sequence[np.ndarray]) -> torch.Tensor | SlotImages:
+        """``np.stack(arrays)`` (B, ...): into a free slot in a worker when uint8 and small enough, else a tensor of
+        its own. In a worker the result is a :class:`SlotImages`, which arrives in the main process as the tensor.
         """
-        arrays = [image.numpy() if isinstance(image, torch.Tensor) else image for image in images]
         shape = (len(arrays), *arrays[0].shape)
         info = get_worker_info()
         fits = arrays[0].dtype == np.uint8 and int(np.prod(shape)) <= self.capacity

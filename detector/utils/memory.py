@@ -23,8 +23,7 @@ def keep_freed_memory(largest_block: int = 64 << 20) -> bool:
     item in a loader worker, and about 24,000 faults (12% of the time) of every yolov5n training step at 320, batch
     16, on the CPU, and 15-20% of val.py's forward time at 320. Loader workers, the training process and val.py
     call it; :func:`release_memory` still hands the memory back where the trainer asks (between training and
-    validation). Returns False where there is no glibc (macOS,
-    musl): nothing changes there.
+    validation). Returns False where there is no glibc (macOS, musl): nothing changes there.
     """
     if _LIBC is None or not hasattr(_LIBC, "mallopt"):
         return False
