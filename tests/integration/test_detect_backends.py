@@ -140,7 +140,15 @@ def test_openvino_backend(tmp_path: Path, tiny_model: DetectionModel, images: to
     (folder / "metadata.yaml").write_text(yaml.safe_dump(_metadata((64, 96), True)))
     backend = load_backend(folder, "cpu")
     assert backend.names == NAMES and backend.dynamic
-    torch.testing.assert_close(backend(images), _reference(tiny_model, images), atol=1e-4, rtol=1e-4)
+    first = backend(images)
+    torch.testing.assert_close(first, _reference(tiny_model, images), atol=1e-4, rtol=1e-4)
+    # The backend hands OpenVINO the input in place and returns the request's output without another copy: a
+    # result must survive the next inference, the input must be left as it was, and a strided input still works.
+    kept, given = first.clone(), images.clone()
+    other = torch.rand(1, 3, 64, 192, generator=torch.Generator().manual_seed(3))[..., ::2]  # not contiguous
+    torch.testing.assert_close(backend(other), _reference(tiny_model, other.contiguous()), atol=1e-4, rtol=1e-4)
+    assert torch.equal(first, kept) and torch.equal(images, given)
+    assert first.numpy().flags.writeable  # torch.from_numpy warns on a read-only array
     assert format_for_path(folder / "tiny.xml") is format_for_path(folder) is OpenVINOFormat  # the .xml too
     assert type(load_backend(folder / "tiny.xml")) is type(backend)
 
