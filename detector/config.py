@@ -124,6 +124,7 @@ class TrainConfig:
     resume: str = ""  # "" = no; "auto" = most recent last.pt under --project; or a path to last.pt
     nosave: bool = False  # only save the final checkpoint
     noval: bool = False  # only validate after the final epoch
+    val_period: int = 1  # validate every N epochs, and always the last (--noval: only the last)
     noautoanchor: bool = False  # skip the AutoAnchor check
     noplots: bool = False  # save no plot files
     cache: Literal["", "ram", "disk"] = ""  # cache decoded images in RAM or as .npy files on disk
@@ -648,6 +649,8 @@ def check_train_config(config: TrainConfig) -> None:
             raise ConfigError(f"--{key.replace('_', '-')}: expected 0 (off) or more, got {getattr(config, key)}")
     if config.sam_adaptive and config.sam == 0:
         raise ConfigError("--sam-adaptive scales SAM's perturbation; it needs --sam RHO > 0 (ASAM: e.g. --sam 0.5)")
+    if config.val_period < 1:
+        raise ConfigError(f"--val-period: expected 1 (every epoch) or more, got {config.val_period}")
     if config.lr_schedule == "plateau" and config.noval:
         raise ConfigError(
             "--lr-schedule plateau reacts to the validation fitness of every epoch; it cannot run with --noval"

@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", nargs="?", const="auto", type=str, help="resume the latest run, or the given last.pt (default: no)")
     add("--nosave", action="store_true", help="only save the final checkpoint (default: False)")
     add("--noval", action="store_true", help="only validate after the final epoch (default: False)")
+    add(
+        "--val-period",
+        type=int,
+        dest="val_period",
+        help="validate every N epochs, and always the last (early stopping then counts from validated epochs)"
+        + _default("val_period"),
+    )
     add("--noautoanchor", action="store_true", help="skip the AutoAnchor check (default: False)")
     add("--noplots", action="store_true", help="save no plot files (default: False)")
     add(

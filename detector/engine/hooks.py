@@ -64,9 +64,17 @@ class EMAHook(Callback):
             trainer.timed("optimizer", lambda: trainer.ema.update(trainer.model))  # timed with the step it follows
 
 
+def validation_due(trainer: Trainer) -> bool:
+    """Whether the epoch ending now is validated: the last one always, the others every ``--val-period`` epochs
+    (none with ``--noval``)."""
+    config, state = trainer.config, trainer.state
+    return state.is_last_epoch or (not config.noval and (state.epoch + 1) % config.val_period == 0)
+
+
 class ValidationHook(Callback):
-    """Validates the EMA model at each epoch end (only the last one with ``--noval``), records the fitness and the
-    best epoch; at the end of the run, validates best.pt with plots and the per-class table."""
+    """Validates the EMA model at the end of the epochs :func:`validation_due` names (every epoch by default),
+    records the fitness (None for an epoch not validated) and the best epoch; at the end of the run, validates
+    best.pt with plots and the per-class table."""
 
     def __init__(self, final: bool = True) -> None:
         self.final = final
@@ -76,7 +84,7 @@ class ValidationHook(Callback):
         state.fitness = None
         if not trainer.is_main:
             return
-        if not trainer.config.noval or state.is_last_epoch:
+        if validation_due(trainer):
             trainer.validate()
         state.update_best()
 
@@ -93,7 +101,7 @@ class TimeBudget(Callback):
     validation, takes the mean over this session's epochs as the cost of one more, reserves time for the final
     validation of best.pt, and makes the run as many epochs long as then fit, capped by ``--epochs``:
     :meth:`Trainer.set_epochs` refits the LR schedule, warmup and close-mosaic phase to that number. The epoch it
-    makes the last is saved (and, with --noval, validated) as a last epoch, so the run ends the normal way. Should
+    makes the last is saved (and validated, if it was not) as a last epoch, so the run ends the normal way. Should
     an epoch overrun the budget anyway, the run stops after the current batch.
     Under DDP rank 0's estimate is shared, so all ranks run the same epochs.
     """
@@ -142,17 +150,19 @@ class TimeBudget(Callback):
             state.epochs,
         )
         trainer.set_epochs(epochs)
-        if state.is_last_epoch and trainer.is_main and trainer.config.noval:
-            trainer.validate()  # with --noval the last epoch is validated; this one became the last just now
+        if state.is_last_epoch and trainer.is_main and state.fitness is None:
+            trainer.validate()  # the last epoch is always validated; this one became the last just now
             state.update_best()
 
 
 class EarlyStopping(Callback):
-    """Stops the run when the fitness has not improved for ``config.patience`` epochs (0 = never)."""
+    """Stops the run when the fitness has not improved for ``config.patience`` epochs (0 = never); it decides at
+    validated epochs only (with ``--val-period`` N, a run stops at the first validation ``patience`` or more epochs
+    after the best)."""
 
     def on_epoch_end(self, trainer: Trainer) -> None:
         state, patience = trainer.state, trainer.config.patience
-        if not trainer.is_main or patience <= 0 or state.is_last_epoch:
+        if not trainer.is_main or patience <= 0 or state.is_last_epoch or state.fitness is None:
             return
         if state.epoch - state.best_epoch >= patience:
             trainer.request_stop(

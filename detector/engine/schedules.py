@@ -214,7 +214,7 @@ class PlateauSchedule(LRSchedule):
     """Constant, multiplied by ``factor`` when the validation fitness has not improved (by more than a relative
     ``threshold``) for more than ``patience`` epochs, then ``cooldown`` epochs of rest; never below ``lrf``.
     Follows ``ReduceLROnPlateau(mode="max", threshold_mode="rel")`` epoch by epoch (tested). Needs validation
-    every epoch (not ``--noval``)."""
+    (not ``--noval``); with ``--val-period`` N its patience and cooldown count validated epochs."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

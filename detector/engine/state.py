@@ -76,7 +76,11 @@ class TrainState:
         self.class_maps = [float(v) for v in metrics.class_maps(num_classes)]
 
     def update_best(self) -> bool:
-        """Make this epoch the best when its fitness (0 when not validated) ties or beats the best so far."""
+        """Make this epoch the best when its fitness ties or beats the best so far. An epoch not validated counts
+        as fitness 0 until one has been (with --noval every epoch is the best); after that it never replaces a
+        validated best (--val-period)."""
+        if self.fitness is None and self.metrics is not None:
+            return False
         current = self.fitness if self.fitness is not None else 0.0
         if current >= self.best_fitness:  # ties count (YOLOv5): with --noval every epoch is "best"
             self.best_fitness, self.best_epoch = current, self.epoch

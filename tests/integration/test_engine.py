@@ -112,6 +112,19 @@ def test_a_hook_ends_the_run_cleanly(tiny, tmp_path):
     assert metrics is not None and trainer.checkpointer.best.exists()  # best.pt validated as usual
 
 
+def test_val_period_validates_every_nth_epoch_and_the_last(tiny, tmp_path):
+    trainer = Trainer(tiny_config(tiny, tmp_path, epochs=5, val_period=2))
+    validated, validate = [], trainer.validate
+    trainer.validate = lambda: validated.append(trainer.state.epoch) or validate()
+    trainer.fit()
+    assert validated == [1, 3, 4]  # epochs 2, 4 and the last, 5 (1-based)
+    rows = read_results(trainer.save_dir / "results.csv")
+    assert [row["epoch"] for row in rows] == [0, 1, 2, 3, 4]
+    # an epoch between validations shows the latest validation's figures
+    assert rows[2]["metrics/mAP_0.5:0.95"] == rows[1]["metrics/mAP_0.5:0.95"]
+    assert trainer.state.best_epoch in validated
+
+
 # -- schedules per iteration ------------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ from detector.config import (
     load_yaml,
     resolve_train_config,
 )
-from detector.engine.state import strip_optimizer
+from detector.engine.hooks import EarlyStopping, validation_due
+from detector.engine.state import TrainState, strip_optimizer
 from detector.engine.trainer import (
     check_amp,
     epoch_seed,
@@ -114,6 +116,7 @@ def test_cos_lr_is_an_alias_of_the_cosine_schedule():
         ({"workers": -1}, "--workers"),
         ({"label_smoothing": 1.0}, "--label-smoothing"),
         ({"lr_schedule": "plateau", "noval": True}, "plateau .* cannot run with --noval"),
+        ({"val_period": 0}, "--val-period: expected 1"),
         ({"hyp": {"mosaic": 1.5}}, "hyp.mosaic: a probability"),
         ({"hyp": {"lr0": 0.0}}, "hyp.lr0 must be positive"),
         ({"freeze": (-1,)}, "--freeze"),
@@ -305,3 +308,50 @@ def test_strip_optimizer_keeps_fp32_weights(tmp_path):
     assert stripped["optimizer"] is None and stripped["model"] is None and stripped["epoch"] == 3
     assert all(torch.equal(stripped["ema"][k], v) and v.dtype == stripped["ema"][k].dtype for k, v in state.items())
     assert path.stat().st_size < size
+
+
+def _epoch_end(epoch: int, epochs: int = 10, *, patience: int = 2, **config) -> SimpleNamespace:
+    """What the epoch-end hooks read of a trainer, at the end of ``epoch``."""
+    stops: list[str] = []
+    return SimpleNamespace(
+        config=TrainConfig(patience=patience, **config),
+        state=TrainState(epochs=epochs, epoch=epoch),
+        is_main=True,
+        stops=stops,
+        request_stop=stops.append,
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "validated"),
+    [
+        ({}, list(range(10))),
+        ({"val_period": 3}, [2, 5, 8, 9]),  # every third epoch and the last
+        ({"val_period": 20}, [9]),
+        ({"noval": True, "val_period": 3}, [9]),
+    ],
+)
+def test_validation_due_every_val_period_epochs_and_the_last(options, validated):
+    assert [epoch for epoch in range(10) if validation_due(_epoch_end(epoch, **options))] == validated
+
+
+def test_best_epoch_and_early_stopping_only_move_on_validated_epochs():
+    state = TrainState(epochs=10)
+    fitnesses = [None, 0.0, None, 0.0, None, None]  # --val-period 2 on a model that scores 0 (ties count)
+    best = []
+    for epoch, fitness in enumerate(fitnesses):
+        state.epoch, state.fitness = epoch, fitness
+        if fitness is not None:
+            state.metrics = object()  # record_validation's
+        state.update_best()
+        best.append(state.best_epoch)
+    assert best == [0, 1, 1, 3, 3, 3]  # before any validation an epoch counts as 0; after, never as the best
+
+    trainer = _epoch_end(5, patience=2)  # best at 3: two epochs without improvement, but 5 was not validated
+    trainer.state.best_epoch, trainer.state.fitness = 3, None
+    EarlyStopping().on_epoch_end(trainer)
+    assert trainer.stops == []
+    trainer.state.fitness = 0.1  # validated
+    EarlyStopping().on_epoch_end(trainer)
+    assert len(trainer.stops) == 1
+    assert "no improvement in the last 2 epochs; best results at epoch 3" in trainer.stops[0]
