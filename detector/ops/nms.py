@@ -20,6 +20,8 @@ from detector.ops.torchvision_kernels import nms
 from detector.utils.checks import check_threshold
 
 NMS_CALL_ROWS = 256  # rows per torchvision NMS call when packing small (image, class) groups; 64-1024 all do well
+FIRST_ROWS_PER_DET = 4  # first NMS pass: each image's 4 x max_det most confident candidates (see _kept_rows)
+NMS_GROWTH = 2  # then twice as many rows each pass
 
 
 def non_max_suppression(
@@ -92,7 +94,7 @@ def _non_max_suppression(
         keep = (candidates[:, 5:6] == wanted).any(1)
         image_index, candidates = image_index[keep], candidates[keep]
     image_index, candidates = _most_confident_per_image(image_index, candidates, batch_size, max_nms)
-    keep = _grouped_nms(image_index, candidates, iou_thres, None if agnostic else num_classes)
+    keep = _kept_rows(image_index, candidates, iou_thres, None if agnostic else num_classes, batch_size, max_det)
     image_index, candidates = image_index[keep], candidates[keep]
     per_image = candidates.split(torch.bincount(image_index, minlength=batch_size).tolist())
     return [detections[:max_det] for detections in per_image]
@@ -133,6 +135,40 @@ def _most_confident_per_image(
         keep = rank_in_image < max_nms
         image_index, candidates = image_index[keep], candidates[keep]
     return image_index, candidates
+
+
+def _kept_rows(
+    image_index: Tensor, candidates: Tensor, iou_thres: float, num_classes: int | None, batch_size: int, max_det: int
+) -> Tensor:
+    """Indices (ascending) of the rows NMS keeps, as far as they can be among an image's ``max_det`` most
+    confident detections; ``image_index`` ascending, each image's rows by descending confidence.
+
+    Greedy NMS keeps a row unless a more confident kept row of its group overlaps it, so NMS over an image's first
+    k rows keeps exactly the rows that NMS over all of them keeps among those k. When that is ``max_det`` or more,
+    they are the image's result. Otherwise the next rows run together with the rows kept so far (a suppressed
+    row suppresses nothing), twice as many each round, until ``max_det`` are kept or the rows run out. An untrained
+    model at conf 0.001 gives nearly every anchor a candidate for every class (up to max_nms, 30,000 an image), of
+    which the first thousand or so suffice: its NMS took 13 ms an image in validation (twice the model's time),
+    2.7 ms this way; a trained model's is unchanged or faster (yolov5n on coco128 at 640: 3.5 -> 3.1 ms).
+    """
+    counts = torch.bincount(image_index, minlength=batch_size)
+    first_row = torch.cumsum(counts, 0) - counts
+    rank_in_image = torch.arange(len(image_index), device=image_index.device) - first_row[image_index]
+    pending = torch.ones(batch_size, dtype=torch.bool, device=image_index.device)
+    kept_so_far = image_index.new_zeros(0)
+    done_rows, start, end = [], 0, FIRST_ROWS_PER_DET * max_det
+    while True:
+        new_rows = ((rank_in_image >= start) & (rank_in_image < end) & pending[image_index]).nonzero(as_tuple=True)[0]
+        rows = torch.sort(torch.cat((kept_so_far, new_rows))).values  # by image, then by confidence
+        keep = rows[_grouped_nms(image_index[rows], candidates[rows], iou_thres, num_classes)]
+        kept_per_image = torch.bincount(image_index[keep], minlength=batch_size)
+        done = pending & ((kept_per_image >= max_det) | (counts <= end))
+        finished = done[image_index[keep]]
+        done_rows.append(keep[finished])
+        kept_so_far, pending = keep[~finished], pending & ~done
+        if not bool(pending.any()):
+            return torch.sort(torch.cat(done_rows)).values
+        start, end = end, NMS_GROWTH * end
 
 
 def _grouped_nms(image_index: Tensor, candidates: Tensor, iou_thres: float, num_classes: int | None) -> Tensor:

@@ -151,6 +151,33 @@ def test_matches_brute_force_oracle(
         torch.testing.assert_close(ours, theirs_rows)
 
 
+@pytest.mark.parametrize("max_det", [1, 3, 7, 40])
+@pytest.mark.parametrize("multi_label, agnostic", [(True, False), (False, True)])
+def test_max_det_equals_the_oracles_first_detections_whatever_rows_it_needs(
+    max_det: int, multi_label: bool, agnostic: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NMS runs on each image's 4 x max_det most confident rows first, then on more rows (with those kept) for an
+    image that has not kept max_det yet: the result must be the full NMS's first max_det rows."""
+    passes = []
+    grouped_nms = nms._grouped_nms
+    monkeypatch.setattr(nms, "_grouped_nms", lambda *args: passes.append(len(args[0])) or grouped_nms(*args))
+    pred = _random_pred(11, batch=4, anchors=300, nc=3)
+    # 10 tight clusters an image: most rows suppress each other, so 4 x max_det rows may keep fewer than max_det
+    generator = torch.Generator().manual_seed(12)
+    centres = torch.rand(4, 10, 2, generator=generator, dtype=torch.float64) * 400
+    cluster = torch.randint(0, 10, (4, 300), generator=generator)
+    jitter = torch.rand(4, 300, 4, generator=generator, dtype=torch.float64) * 4
+    pred[..., :2] = torch.gather(centres, 1, cluster[..., None].expand(-1, -1, 2)) + jitter[..., :2]
+    pred[..., 2:4] = 30 + jitter[..., 2:]
+    out = non_max_suppression(pred, 0.05, 0.4, multi_label=multi_label, agnostic=agnostic, max_det=max_det)
+    expected = _brute_force(pred, 0.05, 0.4, multi_label, agnostic)
+    for ours, theirs in zip(out, expected, strict=True):
+        theirs_rows = torch.tensor([[*box, conf, cls] for conf, cls, box in theirs[:max_det]], dtype=ours.dtype)
+        torch.testing.assert_close(ours, theirs_rows)
+    if max_det == 40:  # at most 30 detections an image (10 clusters x 3 classes): more than 160 rows needed
+        assert len(passes) > 1
+
+
 def test_matches_torchvision_batched_nms_per_image() -> None:
     pred = _random_pred(7, batch=2, anchors=500, nc=6)
     out = non_max_suppression(pred, 0.1, 0.6, multi_label=True, max_det=100_000)
