@@ -157,6 +157,23 @@ def test_error_names_the_source_file(tmp_path: Path) -> None:
         build_config(TrainConfig, (str(path), load_yaml(path)))
 
 
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text("epochs: 3\nhyp:\n  lr0: 0.01\n  lrf: 0.1\n  lr0: 0.02\n")
+    message = rf"^{path}: line 5 invalid YAML: key 'lr0' appears twice \(first on line 3\)$"
+    with pytest.raises(ConfigError, match=message):
+        load_yaml(path)
+    path.write_text("base: &base {lr0: 0.01, lrf: 0.1}\nhyp:\n  <<: *base\n  lr0: 0.02\n")  # a merge may be overridden
+    assert load_yaml(path)["hyp"] == {"lr0": 0.02, "lrf": 0.1}
+
+
+def test_every_shipped_yaml_loads_without_a_repeated_key() -> None:
+    files = sorted(CONFIG_DIR.rglob("*.yaml"))
+    assert len(files) >= 10
+    for path in files:
+        load_yaml(path)  # PyYAML alone would keep the last of two equal keys silently
+
+
 def test_load_yaml_errors_are_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: [1, 2\n")
