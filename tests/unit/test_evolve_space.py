@@ -158,7 +158,7 @@ def test_yaml_numbers_without_a_dot_are_read(tmp_path):
         ("box: {low: true, high: 1.0}", "box", "low must be a number"),
         ("box: {low: 0.5, high: 0.1}", "box", "low 0.5 is above high 0.1"),
         ("box: {low: 0.0, high: 1.0, scale: exp}", "box", "scale must be one of ['linear', 'log']"),
-        ("lr0: {low: 0.0, high: 0.1, scale: log}", "lr0", "scale log needs low > 0"),
+        ("lrf: {low: 0.0, high: 0.1, scale: log}", "lrf", "scale log needs low > 0"),
         ("mixup: {low: 0.0, high: 1.0, evolve: maybe}", "mixup", "evolve must be true or false"),
         ("mixup: 0.5", "mixup", "expects a mapping"),
     ],
