@@ -184,6 +184,18 @@ register_trick(
 )
 register_trick("weight-decay", "twice the baseline's weight decay", "hyp weight_decay: 2x", _double_weight_decay)
 register_trick(
+    "ema-off",
+    "no weight averaging: the weights as trained are validated and saved",
+    "hyp ema_decay: 0",
+    {"hyp.ema_decay": 0.0},
+)
+register_trick(
+    "ema-tau-200",
+    "the EMA's decay ramps up over 200 updates instead of 2000 (a real average in runs of ~1,000 updates)",
+    "hyp ema_tau: 200",
+    {"hyp.ema_tau": 200.0},
+)
+register_trick(
     "activation",
     "LeakyReLU(0.1) instead of SiLU in every Conv (YOLOv5 before v4.0)",
     "model YAML activation: nn.LeakyReLU(0.1)",

@@ -79,6 +79,8 @@ class Hyperparameters:
     albumentations: float = 0.0  # probability of the albumentations pipeline (only when albumentations is installed)
     drop_path: float = 0.0  # stochastic depth: drop probability of the deepest bottleneck's branch (rising with depth)
     dropout: float = 0.0  # dropout probability on the features entering the detection head, in training
+    ema_decay: float = 0.9999  # EMA of the weights: final decay per update (0 = no averaging: the model as trained)
+    ema_tau: float = 2000.0  # EMA: updates over which the decay ramps up, d = ema_decay * (1 - exp(-updates / tau))
 
 
 @dataclass(frozen=True)
@@ -688,6 +690,11 @@ def check_train_config(config: TrainConfig) -> None:
     for key in ("drop_path", "dropout"):
         if not 0.0 <= getattr(hyp, key) < 1.0:
             raise ConfigError(f"hyp.{key}: a probability, expected a value in [0, 1), got {getattr(hyp, key)}")
+    if not 0.0 <= hyp.ema_decay < 1.0 or hyp.ema_tau <= 0:
+        raise ConfigError(
+            f"hyp.ema_decay must be in [0, 1) (0 = no averaging) and hyp.ema_tau positive; got {hyp.ema_decay}, "
+            f"{hyp.ema_tau}"
+        )
     check_fitness_weights(config.fitness_weights)
     if config.repeat_aug < 1 or config.close_mosaic < 0 or config.time < 0:
         raise ConfigError(

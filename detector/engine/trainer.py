@@ -461,8 +461,10 @@ class Trainer:
         return loader
 
     def build_ema(self) -> ModelEMA:
-        """The exponential moving average of the weights that is validated and saved (rank 0)."""
-        return ModelEMA(self.model)
+        """The exponential moving average of the weights that is validated and saved (rank 0); hyp ``ema_decay``
+        and ``ema_tau`` set its decay after n updates, ``ema_decay * (1 - exp(-n / ema_tau))``."""
+        hyp = self.config.hyp
+        return ModelEMA(self.model, decay=hyp.ema_decay, tau=hyp.ema_tau)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """SGD/Adam/AdamW over 3 parameter groups, stepping every ``nbs`` images (gradient accumulation), with the

@@ -128,6 +128,20 @@ def test_val_period_validates_every_nth_epoch_and_the_last(tiny, tmp_path):
 # -- schedules per iteration ------------------------------------------------------------------------------------------
 
 
+def test_the_ema_follows_the_hyp_keys(tiny, tmp_path):
+    """hyp ema_decay 0 saves the weights as trained; the default averages them (YOLOv5's 0.9999, tau 2000)."""
+    config = tiny_config(tiny, tmp_path, epochs=1, noval=True)
+    averaged = Trainer(config)
+    averaged.fit()
+    off = Trainer(dataclasses.replace(config, name="off", hyp=dataclasses.replace(config.hyp, ema_decay=0.0)))
+    off.fit()
+    assert (averaged.ema.max_decay, averaged.ema.tau, off.ema.max_decay) == (0.9999, 2000.0, 0.0)
+    for trainer, same in ((averaged, False), (off, True)):
+        weights = trainer.model.state_dict()
+        equal = [torch.equal(v, weights[k]) for k, v in trainer.ema.ema.state_dict().items() if v.is_floating_point()]
+        assert all(equal) if same else not all(equal)
+
+
 def test_onecycle_learning_rates_follow_torch_one_cycle_lr_every_iteration(tiny, tmp_path):
     recorder = RecordLearningRates()
     config = tiny_config(tiny, tmp_path, lr_schedule="onecycle", epochs=3, optimizer="SGD")

@@ -45,6 +45,18 @@ def test_one_update_matches_hand_computation():
     assert after["1.num_batches_tracked"].item() == 1 == current["1.num_batches_tracked"].item()
 
 
+def test_decay_zero_follows_the_model_exactly():
+    """hyp ema_decay 0 (no averaging): after each update the average is the model as trained."""
+    model = small_model()
+    ema = ModelEMA(model, decay=0.0, tau=2000)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(3.0).add_(0.5)
+    ema.update(model)
+    for name, value in ema.ema.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
+
+
 def test_ema_is_a_frozen_eval_copy():
     model = small_model()
     ema = ModelEMA(model)

@@ -54,6 +54,8 @@ EXPECTED_DEFAULT = {
     "albumentations": (0.0, 1.0, "linear", None),
     "drop_path": (0.0, 0.3, "linear", None),
     "dropout": (0.0, 0.5, "linear", None),
+    "ema_decay": (0.0, 0.99999, "linear", False),
+    "ema_tau": (100.0, 10000.0, "log", False),
 }
 
 
@@ -86,7 +88,8 @@ def test_default_hyp_evolves_its_nonzero_keys_except_the_frozen_ones():
         "distill",
         "label_smoothing",
     }
-    expected = tuple(key for key in EXPECTED_DEFAULT if key not in zero | {"iou_t", "min_visibility", "distill_t"})
+    frozen = {"iou_t", "min_visibility", "distill_t", "ema_decay", "ema_tau"}
+    expected = tuple(key for key in EXPECTED_DEFAULT if key not in zero | frozen)
     assert space.evolved_keys(start) == expected
 
 

@@ -119,6 +119,8 @@ def test_cos_lr_is_an_alias_of_the_cosine_schedule():
         ({"val_period": 0}, "--val-period: expected 1"),
         ({"hyp": {"mosaic": 1.5}}, "hyp.mosaic: a probability"),
         ({"hyp": {"lr0": 0.0}}, "hyp.lr0 must be positive"),
+        ({"hyp": {"ema_decay": 1.0}}, r"hyp.ema_decay must be in \[0, 1\)"),
+        ({"hyp": {"ema_tau": 0.0}}, "hyp.ema_tau positive"),
         ({"freeze": (-1,)}, "--freeze"),
     ],
 )
