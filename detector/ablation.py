@@ -124,6 +124,12 @@ def _double_weight_decay(base: TrainConfig) -> Overrides:
     return {"hyp.weight_decay": 2 * base.hyp.weight_decay}
 
 
+def _fixres(base: TrainConfig) -> Overrides:
+    """Train at about 7/8 of the baseline's size (a multiple of 32: 224 for 256, 576 for 640), test at its size."""
+    test_size = base.val_imgsz or base.imgsz
+    return {"imgsz": max(64, 32 * round(base.imgsz * 7 / 8 / 32)), "val_imgsz": test_size}
+
+
 register_trick("mosaic-off", "no mosaic: every sample is one image", "hyp mosaic: 0", {"hyp.mosaic": 0.0})
 register_trick("mixup", "mixup of two samples, ratio from beta(32, 32)", "hyp mixup: 0.1", {"hyp.mixup": 0.1})
 register_trick(
@@ -158,9 +164,16 @@ register_trick(
 register_trick("label-smoothing", "label smoothing 0.1", "hyp label_smoothing: 0.1", {"hyp.label_smoothing": 0.1})
 register_trick(
     "close-mosaic",
-    "the last 10% of the epochs (at least 1) without mosaic and mixing, at the test size",
+    "the last 10% of the epochs (at least 1) without mosaic and mixing, on whole images",
     "--close-mosaic N",
     _close_mosaic,
+)
+register_trick(
+    "fixres",
+    "train at about 7/8 of the image size (224 for 256) and validate at the full size: cheaper epochs, objects seen "
+    "smaller in training than at test time (Touvron et al. 2019)",
+    "--img 224 --val-img 256 (at 256)",
+    _fixres,
 )
 register_trick(
     "class-balanced",

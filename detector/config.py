@@ -122,6 +122,7 @@ class TrainConfig:
     batch_size: int = 16  # total batch size over all GPUs; -1 = AutoBatch (CUDA: ~80% of the memory)
     nbs: int = 64  # nominal batch size: gradients accumulate to this many images per optimizer step (YOLOv5: 64)
     imgsz: int = 640  # train/val image size in pixels (configs/builtin.yaml sets the built-in dataset's)
+    val_imgsz: int = 0  # validation image size (FixRes: train smaller than you test); 0 = imgsz
     rect: bool = False  # rectangular training batches (no mosaic)
     resume: str = ""  # "" = no; "auto" = most recent last.pt under --project; or a path to last.pt
     nosave: bool = False  # only save the final checkpoint
@@ -168,7 +169,7 @@ class TrainConfig:
     fitness_weights: tuple[float, ...] = (0.0, 0.0, 0.1, 0.9)  # fitness = these x (P, R, mAP50, mAP50-95): best.pt
     auto_augment: str = ""  # automatic augmentation policy: trivial, randaugment[-nN-mM], detection-v0; "" = none
     repeat_aug: int = 1  # repeated augmentation: each drawn image appears this many times per batch, augmented anew
-    close_mosaic: int = 0  # the last N epochs without mosaic/mixing augmentations, at the test resolution (FixRes)
+    close_mosaic: int = 0  # the last N epochs without mosaic/mixing augmentations, on whole images (FixRes)
     augment_on_device: bool = False  # HSV colour and flips on the training device (batch-wise), not in the workers
     time: float = 0.0  # wall-clock budget in minutes: > 0 fits the number of epochs to it (--epochs is then a cap)
     logger: tuple[str, ...] = ("tensorboard",)  # experiment trackers: tensorboard, mlflow, wandb (console, CSV: always)
@@ -536,8 +537,19 @@ def resolve_train_config(flags: Mapping[str, Any], source: str = "command line")
     if config.resume:
         config = _resume_train_config(config, layers)
     elif is_builtin_data(config.data):
-        config = build_config(TrainConfig, (str(BUILTIN_TRAIN_CONFIG), load_yaml(BUILTIN_TRAIN_CONFIG)), *layers)
+        config = build_config(TrainConfig, (str(BUILTIN_TRAIN_CONFIG), _builtin_recipe(layers)), *layers)
     return apply_aliases(config)
+
+
+def _builtin_recipe(layers: list[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """configs/builtin.yaml, less its ``val_imgsz`` when a later layer sets ``imgsz`` but not ``val_imgsz``: the
+    recipe's pair of sizes (train smaller than it validates) goes together, so ``--img 320`` alone trains and
+    validates at 320."""
+    recipe = load_yaml(BUILTIN_TRAIN_CONFIG)
+    given = {str(key).replace("-", "_") for _, values in layers for key in values}
+    if "imgsz" in given and "val_imgsz" not in given:
+        recipe.pop("val_imgsz", None)
+    return recipe
 
 
 def apply_aliases(config: TrainConfig) -> TrainConfig:
@@ -656,6 +668,8 @@ def check_train_config(config: TrainConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"--{key}: expected a positive number, got {value}")
+    if config.val_imgsz < 0:
+        raise ConfigError(f"--val-imgsz: expected a positive number, or 0 for --imgsz's; got {config.val_imgsz}")
     if config.batch_size < 1 and config.batch_size != -1:
         raise ConfigError(
             f"--batch-size: expected a positive number of images, or -1 for AutoBatch; got {config.batch_size}"

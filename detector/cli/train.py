@@ -103,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="imgsz",
         help="train/val image size in pixels" + _default("imgsz"),
     )
+    add(
+        "--val-imgsz",
+        "--val-img",
+        type=int,
+        dest="val_imgsz",
+        help="validate, and pick best.pt, at this size instead of --imgsz (FixRes: a model often tests best above "
+        "its training size); 0 = --imgsz" + _default("val_imgsz"),
+    )
     add("--rect", action="store_true", help="rectangular training batches (no mosaic) (default: False)")
     add("--resume", nargs="?", const="auto", type=str, help="resume the latest run, or the given last.pt (default: no)")
     add("--nosave", action="store_true", help="only save the final checkpoint (default: False)")

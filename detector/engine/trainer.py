@@ -368,6 +368,7 @@ class Trainer:
         self.model = self._adopt_model(model if model is not None else self.build_model(self.resume_checkpoint))
         self.stride = int(self.model.stride.max())
         self.imgsz = check_imgsz(config.imgsz, self.stride, minimum=2 * self.stride)[0]  # square training size
+        self.val_imgsz = check_imgsz(config.val_imgsz or config.imgsz, self.stride, minimum=2 * self.stride)[0]
         self._resolve_batch_size()
         self.batch_size = distributed.per_rank_batch_size(self.config.batch_size, self.context)
         self.accumulate = accumulate_steps(self.config.batch_size, self.config.nbs)  # batches per optimizer step
@@ -451,7 +452,7 @@ class Trainer:
         """val.py's validation loader (rectangular batches of twice the training batch), rank 0 only."""
         loader, _ = create_val_dataloader(
             self.dataset_config,
-            imgsz=self.imgsz,
+            imgsz=self.val_imgsz,
             batch_size=self.batch_size * 2,
             stride=self.stride,
             workers=self.config.workers,
@@ -695,7 +696,7 @@ class Trainer:
                 "Image sizes %d train, %d val; %d dataloader workers; batch %d x %d accumulation; %s LR schedule; "
                 "logging to %s\nStarting training for %d epochs...",
                 self.imgsz,
-                self.imgsz,
+                self.val_imgsz,
                 getattr(self.train_loader, "num_workers", 0),
                 self.config.batch_size,
                 self.accumulate,
@@ -1016,10 +1017,11 @@ class Trainer:
         return self.state.metrics
 
     def _validator(self, plots: bool, verbose: bool) -> Validator:
-        """The Validator val.py uses, with val.py's thresholds (conf 0.001, IoU 0.6) at the training image size."""
+        """The Validator val.py uses, with val.py's thresholds (conf 0.001, IoU 0.6) at ``--val-imgsz`` (by default
+        the training image size)."""
         config = ValConfig(
             data=self.config.data,
-            imgsz=self.imgsz,
+            imgsz=self.val_imgsz,
             batch_size=self.batch_size * 2,
             single_cls=self.config.single_cls,
             half=self.amp_dtype is not None,  # validation under the training's autocast dtype

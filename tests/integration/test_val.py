@@ -17,14 +17,15 @@ import pytest
 import torch
 from page_faults import faults_of_a_48mb_block
 
-from detector.config import Hyperparameters, ValConfig
+from detector.config import Hyperparameters, TrainConfig, ValConfig, load_hyp
 from detector.data.dataset_config import COCO80_TO_COCO91, load_dataset_config
 from detector.data.loader import same_shape_batches
 from detector.engine.coco_eval import evaluate_coco
+from detector.engine.trainer import Trainer
 from detector.engine.validator import Validator, create_val_dataloader, run_validation
 from detector.models.loading import checkpoint_model_entries, load_model
 from detector.models.loss import DetectionLoss
-from detector.utils.checkpoint import save_checkpoint
+from detector.utils.checkpoint import load_checkpoint, save_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SUBSET_IDS = (9, 25, 30, 34, 36, 42, 49, 61)  # coco128 images without crowd annotations, 14 classes between them
@@ -148,6 +149,43 @@ def test_same_shape_batches_split_at_shape_changes() -> None:
     assert same_shape_batches(group_index, group_shapes, 4, 8) == [[0, 1, 2, 3], [4], [5, 6, 7]]
     assert same_shape_batches(group_index, group_shapes, 2, 8) == [[0, 1], [2, 3], [4], [5, 6], [7]]
     assert same_shape_batches(np.zeros(5, np.int64), np.zeros((0, 2)), 2, 5) == [[0, 1], [2, 3], [4]]
+
+
+def test_training_with_val_imgsz_validates_as_val_py_at_that_size(
+    tmp_path: Path, subset_yaml: Path, yolov5n_ours: Path
+) -> None:
+    """--imgsz 160 --val-imgsz 320: training batches at 160, validation batches as val.py's at 320, and the run's
+    final figures are val.py's on best.pt at 320, not at 160."""
+    config = TrainConfig(
+        weights=str(yolov5n_ours),
+        data=str(subset_yaml),
+        imgsz=160,
+        val_imgsz=320,
+        epochs=1,
+        batch_size=8,
+        workers=0,
+        noautoanchor=True,
+        noplots=True,
+        amp="off",
+        project=str(tmp_path),
+        hyp=load_hyp("hyp.no-augmentation.yaml"),
+    )
+    trainer = Trainer(config)
+    data = load_dataset_config(subset_yaml)
+    shapes = {
+        size: next(iter(create_val_dataloader(data, imgsz=size, batch_size=16, workers=0)[0]))[0].shape[-2:]
+        for size in (160, 320)
+    }
+    assert next(iter(trainer.val_loader))[0].shape[-2:] == shapes[320] != shapes[160]
+    assert next(iter(trainer.train_loader))[0].shape[-2:] == (160, 160)
+    metrics = trainer.fit()
+    best = trainer.save_dir / "weights" / "best.pt"
+    common = {"weights": str(best), "data": str(subset_yaml), "batch_size": 4, "workers": 0, "project": str(tmp_path)}
+    at_320, at_160 = (run_validation(ValConfig(imgsz=size, name=f"v{size}", **common)) for size in (320, 160))
+    assert metrics.map50 == pytest.approx(at_320.map50, abs=1e-3)
+    assert metrics.map == pytest.approx(at_320.map, abs=1e-3)
+    assert abs(at_320.map - at_160.map) > 0.05 and at_320.map > 0.2
+    assert load_checkpoint(best)["train_config"]["val_imgsz"] == 320  # --resume keeps it
 
 
 def test_trainer_path_gives_val_py_figures_and_losses(

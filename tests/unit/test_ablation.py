@@ -78,6 +78,9 @@ def test_relative_tricks_follow_the_baseline():
     assert TRICKS["weight-decay"].resolve(base) == {"hyp.weight_decay": 0.002}
     assert TRICKS["close-mosaic"].resolve(base) == {"close_mosaic": 4}  # 10% of the epochs
     assert TRICKS["close-mosaic"].resolve(dataclasses.replace(base, epochs=3)) == {"close_mosaic": 1}  # at least 1
+    assert TRICKS["fixres"].resolve(dataclasses.replace(base, imgsz=256)) == {"imgsz": 224, "val_imgsz": 256}
+    assert TRICKS["fixres"].resolve(base) == {"imgsz": 576, "val_imgsz": 640}  # 7/8 of 640 is 560: 17.5 strides
+    assert TRICKS["fixres"].resolve(dataclasses.replace(base, val_imgsz=512)) == {"imgsz": 576, "val_imgsz": 512}
 
 
 def test_the_activation_trick_derives_the_model_yaml_from_cfg(tmp_path):

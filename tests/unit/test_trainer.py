@@ -85,6 +85,20 @@ def test_builtin_recipe_applies_under_the_users_options_and_only_to_the_builtin_
     assert other == TrainConfig(data="my.yaml")  # other datasets get YOLOv5's defaults
 
 
+def test_builtin_recipe_sizes_go_together():
+    """The recipe trains smaller than it validates; --img alone replaces both sizes, --val-img alone only its own."""
+    recipe = load_yaml(BUILTIN_TRAIN_CONFIG)
+    builtin = resolve_train_config({})
+    assert (builtin.imgsz, builtin.val_imgsz) == (recipe["imgsz"], recipe["val_imgsz"])
+    assert 0 < recipe["imgsz"] < recipe["val_imgsz"]
+    mine = resolve_train_config({"imgsz": 320})
+    assert (mine.imgsz, mine.val_imgsz) == (320, 0)  # 0: validate at --imgsz
+    both = resolve_train_config({"imgsz": 320, "val_imgsz": 384})
+    assert (both.imgsz, both.val_imgsz) == (320, 384)
+    assert resolve_train_config({"val_imgsz": 288}).imgsz == recipe["imgsz"]
+    assert resolve_train_config({"data": "my.yaml"}).val_imgsz == 0  # other datasets: validate at --imgsz
+
+
 def test_resolve_train_config_rejects_typos_with_suggestion():
     with pytest.raises(ConfigError, match="did you mean 'epochs'"):
         resolve_train_config({"epoch": 3})
@@ -117,6 +131,7 @@ def test_cos_lr_is_an_alias_of_the_cosine_schedule():
         ({"label_smoothing": 1.0}, "--label-smoothing"),
         ({"lr_schedule": "plateau", "noval": True}, "plateau .* cannot run with --noval"),
         ({"val_period": 0}, "--val-period: expected 1"),
+        ({"val_imgsz": -1}, "--val-imgsz: expected a positive number, or 0"),
         ({"hyp": {"mosaic": 1.5}}, "hyp.mosaic: a probability"),
         ({"hyp": {"lr0": 0.0}}, "hyp.lr0 must be positive"),
         ({"hyp": {"ema_decay": 1.0}}, r"hyp.ema_decay must be in \[0, 1\)"),
