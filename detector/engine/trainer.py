@@ -368,7 +368,11 @@ class Trainer:
         self.model = self._adopt_model(model if model is not None else self.build_model(self.resume_checkpoint))
         self.stride = int(self.model.stride.max())
         self.imgsz = check_imgsz(config.imgsz, self.stride, minimum=2 * self.stride)[0]  # square training size
-        self.val_imgsz = check_imgsz(config.val_imgsz or config.imgsz, self.stride, minimum=2 * self.stride)[0]
+        self.val_imgsz = (
+            check_imgsz(config.val_imgsz, self.stride, minimum=2 * self.stride, flag="--val-imgsz")[0]
+            if config.val_imgsz
+            else self.imgsz
+        )
         self._resolve_batch_size()
         self.batch_size = distributed.per_rank_batch_size(self.config.batch_size, self.context)
         self.accumulate = accumulate_steps(self.config.batch_size, self.config.nbs)  # batches per optimizer step

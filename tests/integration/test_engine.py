@@ -218,6 +218,19 @@ def test_autobatch_on_cpu_says_it_is_cuda_only_and_uses_the_default(tiny, tmp_pa
     assert saved["batch_size"] == 16  # the run records the batch it used: --resume repeats it
 
 
+def test_image_sizes_off_the_stride_are_rounded_once_each_under_their_own_flag(tiny, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="detector"):
+        trainer = Trainer(tiny_config(tiny, tmp_path, imgsz=70, epochs=1))
+        sized = Trainer(tiny_config(tiny, tmp_path, imgsz=70, val_imgsz=100, epochs=1, name="sized"))
+    assert (trainer.imgsz, trainer.val_imgsz, sized.imgsz, sized.val_imgsz) == (96, 96, 96, 128)
+    rounded = [r.getMessage() for r in caplog.records if "must be a multiple" in r.getMessage()]
+    assert rounded == [
+        "WARNING: --imgsz 70 must be a multiple of the max stride 32; using [96, 96]",
+        "WARNING: --imgsz 70 must be a multiple of the max stride 32; using [96, 96]",
+        "WARNING: --val-imgsz 100 must be a multiple of the max stride 32; using [128, 128]",
+    ]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 @pytest.mark.fresh_process  # the malloc policy is the process's (tests/conftest.py)
 def test_the_training_process_keeps_the_memory_it_frees(tiny, tmp_path):
