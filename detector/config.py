@@ -546,10 +546,15 @@ def _builtin_recipe(layers: list[tuple[str, Mapping[str, Any]]]) -> dict[str, An
     recipe's pair of sizes (train smaller than it validates) goes together, so ``--img 320`` alone trains and
     validates at 320."""
     recipe = load_yaml(BUILTIN_TRAIN_CONFIG)
-    given = {str(key).replace("-", "_") for _, values in layers for key in values}
+    given = _given_keys(layers)
     if "imgsz" in given and "val_imgsz" not in given:
         recipe.pop("val_imgsz", None)
     return recipe
+
+
+def _given_keys(layers: list[tuple[str, Mapping[str, Any]]]) -> set[str]:
+    """The top-level TrainConfig keys the layers set (``hyp.lr0`` counts as ``hyp``; dashes as underscores)."""
+    return {str(key).replace("-", "_").split(".")[0] for _, values in layers for key in values}
 
 
 def apply_aliases(config: TrainConfig) -> TrainConfig:
@@ -624,7 +629,7 @@ def _resume_train_config(given: TrainConfig, layers: list[tuple[str, Mapping[str
     saved_dict = {k: v for k, v in saved_dict.items() if k != "resume"}
     saved = build_config(TrainConfig, (str(path), saved_dict))
     merged = build_config(TrainConfig, (str(path), saved_dict), *layers)
-    given_keys = {key.replace("-", "_").split(".")[0] for _, values in layers for key in values}
+    given_keys = _given_keys(layers)
     for key in sorted(given_keys - set(SAFE_RESUME_KEYS) - set(RESUME_LOCATION_KEYS) - {"resume"}):
         if getattr(merged, key) != getattr(saved, key):
             raise ConfigError(
