@@ -169,7 +169,7 @@ class TrainConfig:
     fitness_weights: tuple[float, ...] = (0.0, 0.0, 0.1, 0.9)  # fitness = these x (P, R, mAP50, mAP50-95): best.pt
     auto_augment: str = ""  # automatic augmentation policy: trivial, randaugment[-nN-mM], detection-v0; "" = none
     repeat_aug: int = 1  # repeated augmentation: each drawn image appears this many times per batch, augmented anew
-    close_mosaic: int = 0  # the last N epochs without mosaic/mixing augmentations, on whole images (FixRes)
+    close_mosaic: int = 0  # the last N epochs without mosaic/mixing augmentation, on whole images at val_imgsz (FixRes)
     augment_on_device: bool = False  # HSV colour and flips on the training device (batch-wise), not in the workers
     time: float = 0.0  # wall-clock budget in minutes: > 0 fits the number of epochs to it (--epochs is then a cap)
     logger: tuple[str, ...] = ("tensorboard",)  # experiment trackers: tensorboard, mlflow, wandb (console, CSV: always)

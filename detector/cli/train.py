@@ -383,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="close_mosaic",
         metavar="N",
         help="the last N epochs train without mosaic, mixup, CutMix, copy-paste, erasing and the auto-augment "
-        "policy, and without --multi-scale: at the test resolution (FixRes)" + _default("close_mosaic"),
+        "policy, and without --multi-scale: at the test resolution, --val-imgsz when set (FixRes)"
+        + _default("close_mosaic"),
     )
     add(
         "--augment-on-device",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import importlib.util
 import logging
 import os
@@ -379,6 +380,8 @@ class Trainer:
         with self._main_process_first():  # rank 0 writes the label cache; the others then read it
             self.train_loader = train_loader if train_loader is not None else self.build_train_loader()
         self.train_dataset = getattr(self.train_loader, "dataset", None)
+        self.loader_imgsz = self.imgsz  # the size the training batches come at (the close-mosaic phase's may differ)
+        self._own_train_loader = train_loader is None
         self.val_loader = self.build_val_loader() if self.is_main else None
         self.num_batches = distributed.agree_num_batches(len(self.train_loader), self.context, self.device)
         self._setup_precision()
@@ -419,8 +422,9 @@ class Trainer:
         check_norm_options(model, config.sync_bn, config.grad_checkpoint, config.compile)
         return model
 
-    def build_train_loader(self) -> Any:
-        """The augmenting, shuffling training DataLoader (split over DDP ranks); its dataset gives the labels."""
+    def build_train_loader(self, imgsz: int | None = None) -> Any:
+        """The augmenting, shuffling training DataLoader (split over DDP ranks); its dataset gives the labels.
+        Its images come at ``imgsz`` (default the training size; the close-mosaic phase asks for the test size)."""
         config, data = self.config, self.dataset_config
         loader, _ = create_dataloader(
             data.train,
@@ -438,7 +442,7 @@ class Trainer:
             prefix="train: ",
             shuffle=not config.rect,
             seed=config.seed,
-            imgsz=self.imgsz,
+            imgsz=imgsz or self.imgsz,
             stride=self.stride,
             hyp=config.hyp,
             workers=config.workers,
@@ -740,9 +744,9 @@ class Trainer:
         set_train_mode(self.model, self.frozen)
         seed_epoch(self.config.seed, state.epoch)
         self.scale_rng = np.random.default_rng((self.config.seed, state.epoch, 1))
+        self._close_mosaic_phase()  # first: it may rebuild the loader
         if hasattr(self.train_loader, "sampler") and hasattr(self.train_loader.sampler, "set_epoch"):
             self.train_loader.sampler.set_epoch(state.epoch)
-        self._close_mosaic_phase()
         self.loss_sums, self.loss_steps, self.accumulated = {}, 0, 0
         self.optimizer.zero_grad(set_to_none=True)
         state.iteration = state.epoch * self.num_batches
@@ -760,20 +764,46 @@ class Trainer:
             data_start = time.perf_counter()
 
     def _close_mosaic_phase(self) -> None:
-        """From ``epochs - close_mosaic`` on, the batches come without mosaic or mixing augmentations and at the
-        training size (no --multi-scale); once begun, the phase stays even if --time later adds epochs."""
+        """From ``epochs - close_mosaic`` on, the batches come without mosaic or mixing augmentations, without
+        --multi-scale, and at the test size: ``--val-imgsz`` where it differs from --imgsz (FixRes: a model
+        trained small is fine-tuned at the size it is tested at), for which the training loader is rebuilt once.
+        Once begun, the phase stays even if --time later adds epochs."""
         state, close = self.state, self.config.close_mosaic
         if close > 0 and not state.mosaic_closed and state.epoch >= state.epochs - close:
             state.mosaic_closed = True
             LOGGER.info(
                 "Closing mosaic: epochs %d-%d train without mosaic, mixup, CutMix, copy-paste, erasing, the "
-                "auto-augment policy and multi-scale",
+                "auto-augment policy and multi-scale, at %d px",
                 state.epoch,
                 state.epochs - 1,
+                self._closed_imgsz(),
             )
+        if state.mosaic_closed and self.loader_imgsz != self._closed_imgsz():
+            self._rebuild_train_loader(self._closed_imgsz())
         sampler = getattr(self.train_loader, "sampler", None)
         if state.mosaic_closed and hasattr(sampler, "set_closed"):
             sampler.set_closed(True)
+
+    def _closed_imgsz(self) -> int:
+        """The close-mosaic phase's training size: the test size, except for a loader passed in by the caller and
+        for --unlabeled and --train-tile, whose datasets carry state or sizes of their own (they keep --imgsz)."""
+        config = self.config
+        if not self._own_train_loader or config.unlabeled or config.train_tile:
+            return self.imgsz
+        return self.val_imgsz
+
+    def _rebuild_train_loader(self, imgsz: int) -> None:
+        """The training loader again, at ``imgsz``: the same images, labels and sampling (image weights carried
+        over), another size. The old loader (its workers, its RAM cache) goes first."""
+        LOGGER.info("Training images now load at %d px (were %d)", imgsz, self.loader_imgsz)
+        self.train_loader = self.train_dataset = None
+        gc.collect()
+        with self._main_process_first():
+            self.train_loader = self.build_train_loader(imgsz)
+        self.train_dataset = self.train_loader.dataset
+        self.loader_imgsz = imgsz
+        if self.state.class_maps:  # --image-weights: as after the last validation
+            self._update_image_weights()
 
     def train_step(self, batch: tuple) -> dict[str, float]:
         """Forward, loss, backward for one batch; an optimizer step when the accumulation is complete.

@@ -110,3 +110,31 @@ def test_close_mosaic_switches_the_last_epochs_to_whole_images_at_the_training_s
     trainer.fit()
     assert [closed for epoch, closed, _ in seen] == [False, False, True]
     assert seen[-1][2] == config.imgsz  # multi-scale is off in the closed phase
+
+
+def test_close_mosaic_phase_trains_at_the_test_size_when_it_differs(tiny, tmp_path):
+    """--img 64 --val-img 96 --close-mosaic 1 (FixRes): the closed epoch's batches are 96 px whole images, drawn
+    from a loader rebuilt at 96 (cached at 96), and the earlier epochs' are 64 px mosaics; --image-weights carry
+    over to the new sampler."""
+    hyp = Hyperparameters(mosaic=1.0, warmup_epochs=0.0)
+    config = tiny_config(
+        tiny, tmp_path, epochs=3, close_mosaic=1, val_imgsz=96, cache="ram", image_weights=True, noval=False, hyp=hyp
+    )
+    seen, weights = [], []
+    callbacks = Callbacks()
+    callbacks.register(
+        "on_step_end",
+        lambda t: seen.append((t.state.epoch, t.train_loader.sampler.closed, tuple(t.last_batch[0].shape[-2:]))),
+    )
+    callbacks.register("on_epoch_start", lambda t: weights.append(t.train_loader.sampler.image_weights.copy()))
+    trainer = Trainer(config, callbacks=callbacks)
+    first_loader = trainer.train_loader
+    trainer.fit()
+    assert {(closed, shape) for epoch, closed, shape in seen if epoch < 2} == {(False, (64, 64))}
+    assert {(closed, shape) for epoch, closed, shape in seen if epoch == 2} == {(True, (96, 96))}
+    assert trainer.train_loader is not first_loader and trainer.loader_imgsz == 96
+    assert trainer.train_dataset.store.ram and {max(image.shape[:2]) for image in trainer.train_dataset.store.ram} == {
+        96
+    }
+    # the new sampler starts from the weights the old one had after epoch 1's validation
+    assert weights[2] == pytest.approx(first_loader.sampler.image_weights)

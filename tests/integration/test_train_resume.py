@@ -93,3 +93,31 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tiny):
     run([sys.executable, "train.py", "--resume", str(last), "--epochs", "5"])
     assert load_checkpoint(last)["epoch"] == 4
     assert len(read_results(root / "runs" / "killed" / "results.csv")) == 5
+
+
+def test_sigkill_in_the_close_mosaic_phase_at_the_test_size_then_resume_equals_uninterrupted_run(tiny):
+    """--close-mosaic 2 --val-img 96: killed in the closed phase (epoch 3), whose batches come from a loader rebuilt
+    at 96 px; the resumed run rebuilds it before its first batch and ends with the uninterrupted run's weights."""
+    root, data = tiny
+    closed = ["--close-mosaic", "2", "--val-img", "96"]
+    run(train_command(root, data, "closed-straight") + closed)
+
+    killed = subprocess.Popen(
+        train_command(root, data, "closed-killed") + closed, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    last = root / "runs" / "closed-killed" / "weights" / "last.pt"
+    deadline, seen = time.time() + 180, None
+    while killed.poll() is None and time.time() < deadline:
+        stamp = last.stat().st_mtime_ns if last.exists() else None
+        if stamp != seen and (seen := stamp) is not None and load_checkpoint(last)["epoch"] == 2:
+            break  # epoch 2, the first closed one, is saved: epoch 3 is running
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert load_checkpoint(last)["epoch"] == 2
+
+    resumed = run([sys.executable, "train.py", "--resume", str(last)])
+    assert "Training images now load at 96 px" in resumed.stdout + resumed.stderr
+    assert_same_weights(root / "runs" / "closed-straight" / "weights" / "last.pt", last)
