@@ -768,7 +768,7 @@ class Trainer:
         --multi-scale, and at the test size: ``--val-imgsz`` where it differs from --imgsz (FixRes: a model
         trained small is fine-tuned at the size it is tested at), for which the training loader is rebuilt once.
         Once begun, the phase stays even if --time later adds epochs."""
-        state, close = self.state, self.config.close_mosaic
+        state, close, size = self.state, self.config.close_mosaic, self._closed_imgsz()
         if close > 0 and not state.mosaic_closed and state.epoch >= state.epochs - close:
             state.mosaic_closed = True
             LOGGER.info(
@@ -776,10 +776,10 @@ class Trainer:
                 "auto-augment policy and multi-scale, at %d px",
                 state.epoch,
                 state.epochs - 1,
-                self._closed_imgsz(),
+                size,
             )
-        if state.mosaic_closed and self.loader_imgsz != self._closed_imgsz():
-            self._rebuild_train_loader(self._closed_imgsz())
+        if state.mosaic_closed and self.loader_imgsz != size:
+            self._rebuild_train_loader(size)
         sampler = getattr(self.train_loader, "sampler", None)
         if state.mosaic_closed and hasattr(sampler, "set_closed"):
             sampler.set_closed(True)

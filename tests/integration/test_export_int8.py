@@ -65,11 +65,13 @@ def exported(model: DetectionModel, tiny: dict, tmp_path_factory: pytest.TempPat
 @pytest.fixture(scope="module")
 def images(tiny: dict) -> torch.Tensor:
     """The tiny dataset's validation images (the calibration images), letterboxed as val.py and export do."""
-    batch = []
-    for image in validation_images(tiny["data"], 4):
-        boxed, _ = letterbox(image, (IMGSZ, IMGSZ), stride=32, auto=False)
-        batch.append(boxed[..., ::-1].transpose(2, 0, 1).astype(np.float32) / 255)
-    return torch.from_numpy(np.stack(batch))
+    return torch.from_numpy(np.stack([_network_input(image, IMGSZ) for image in validation_images(tiny["data"], 4)]))
+
+
+def _network_input(image: np.ndarray, size: int) -> np.ndarray:
+    """A BGR image letterboxed to size x size as val.py and export do: (3, size, size) RGB float32 in 0-1."""
+    boxed, _ = letterbox(image, (size, size), stride=32, auto=False)
+    return boxed[..., ::-1].transpose(2, 0, 1).astype(np.float32) / 255
 
 
 def _assert_int8_close(got: np.ndarray, expected: torch.Tensor) -> None:
@@ -252,8 +254,7 @@ def test_onnx_int8_of_yolov5n_computes_on_this_cpu_what_its_graph_says(
     fused = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     as_written = onnxruntime.InferenceSession(str(path), unfused, providers=["CPUExecutionProvider"])
     for picture in sorted(shared_images.glob("*.jpg")):
-        boxed, _ = letterbox(cv2.imread(str(picture)), (320, 320), stride=32, auto=False)
-        batch = np.ascontiguousarray(boxed[None, ..., ::-1].transpose(0, 3, 1, 2), np.float32) / 255
+        batch = _network_input(cv2.imread(str(picture)), 320)[None]
         got, expected = (session.run(None, {"images": batch})[0] for session in (fused, as_written))
         scores = np.abs(got[..., 4:] - expected[..., 4:])
         # rounding one level differently here and there moves scores by ~1e-3 on average; overflowed sums by more
