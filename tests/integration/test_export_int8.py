@@ -218,21 +218,25 @@ def test_onnx_int8_below_opset_13_is_refused_before_anything_is_written(tmp_path
     assert not list(tmp_path.iterdir())
 
 
-def test_onnx_int8_of_yolov5n_computes_on_this_cpu_what_its_graph_says(
-    yolov5n_weights: Path, coco128_dir: Path, shared_images: Path, tmp_path: Path
-) -> None:
-    """ONNX Runtime's integer convolution on x86 CPUs without AVX512-VNNI multiplies uint8 activations by int8 weights
-    with VPMADDUBSW, whose pairwise int16 sums overflow for bright pixels against 8-bit weights: yolov5n's stem did
-    (scores off by up to 0.9 on such a CPU). The stem's weights keep 7 bits, so the fused integer kernels give what
-    the file's QuantizeLinear/DequantizeLinear nodes define (run as written, unfused). With VNNI both hold anyway."""
-    path = export(
+@pytest.fixture(scope="module")
+def yolov5n_int8(yolov5n_weights: Path, coco128_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """yolov5n.pt exported to int8 ONNX at 320, calibrated on coco128 (real data)."""
+    return export(
         str(yolov5n_weights),
         include=("onnx",),
         imgsz=320,
         int8=True,
         data=str(coco128_dir / "coco128.yaml"),
-        project=str(tmp_path),
+        project=str(tmp_path_factory.mktemp("yolov5n-int8")),
     )["onnx"]
+
+
+def test_onnx_int8_of_yolov5n_computes_on_this_cpu_what_its_graph_says(yolov5n_int8: Path, shared_images: Path) -> None:
+    """ONNX Runtime's integer convolution on x86 CPUs without AVX512-VNNI multiplies uint8 activations by int8 weights
+    with VPMADDUBSW, whose pairwise int16 sums overflow for bright pixels against 8-bit weights: yolov5n's stem did
+    (scores off by up to 0.9 on such a CPU). The stem's weights keep 7 bits, so the fused integer kernels give what
+    the file's QuantizeLinear/DequantizeLinear nodes define (run as written, unfused). With VNNI both hold anyway."""
+    path = yolov5n_int8
     graph = onnx.load(str(path)).graph
     initializers = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in graph.initializer}
     producers = {output: node for node in graph.node for output in node.output}
@@ -259,3 +263,30 @@ def test_onnx_int8_of_yolov5n_computes_on_this_cpu_what_its_graph_says(
         scores = np.abs(got[..., 4:] - expected[..., 4:])
         # rounding one level differently here and there moves scores by ~1e-3 on average; overflowed sums by more
         assert float(scores.mean()) < 2e-3, (picture.name, scores.mean(), scores.max())
+
+
+def test_onnx_int8_of_yolov5n_quantizes_silu_inputs_from_the_floor_up(yolov5n_int8: Path) -> None:
+    """Each convolution output that only a SiLU reads is quantized over [-6, its calibrated maximum] (yolov5n's
+    calibrated minima reach -73 at 320, which spent up to 90% of the 256 levels where SiLU is within 0.015 of zero);
+    the quantizer and the SiLU's Sigmoid and Mul all read the same scale and zero point, so ONNX Runtime's fused
+    kernels use the floored range too."""
+    from detector.export.onnx import SILU_INPUT_FLOOR
+
+    graph = onnx.load(str(yolov5n_int8)).graph
+    initializers = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    floored = 0
+    for quantizer in [node for node in graph.node if node.op_type == "QuantizeLinear"]:
+        producer = producers.get(quantizer.input[0])
+        if producer is None or producer.op_type != "Conv":
+            continue
+        readers = [node for node in graph.node if quantizer.output[0] in node.input]
+        assert {node.op_type for node in readers} == {"DequantizeLinear"}
+        assert all(node.input[1:3] == quantizer.input[1:3] for node in readers)  # one scale, one zero point
+        silu = {node.op_type for reader in readers for node in graph.node if reader.output[0] in node.input}
+        assert silu == {"Sigmoid", "Mul"}  # yolov5n: every quantized convolution output feeds a SiLU
+        scale = float(initializers[quantizer.input[1]])
+        low = -float(initializers[quantizer.input[2]]) * scale
+        assert low >= SILU_INPUT_FLOOR - scale  # the zero point rounds the floor by less than a step
+        floored += abs(low - SILU_INPUT_FLOOR) <= scale
+    assert floored >= 20  # 35 of the 57 calibrated below -6 at 320
