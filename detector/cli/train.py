@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-img",
         type=int,
         dest="val_imgsz",
-        help="validate, and pick best.pt, at this size instead of --imgsz (FixRes: a model often tests best above "
-        "its training size); 0 = --imgsz" + _default("val_imgsz"),
+        help="validate, pick best.pt and make --unlabeled's pseudo-labels at this size instead of --imgsz (FixRes: a "
+        "model often tests best above its training size); 0 = --imgsz" + _default("val_imgsz"),
     )
     add("--rect", action="store_true", help="rectangular training batches (no mosaic) (default: False)")
     add("--resume", nargs="?", const="auto", type=str, help="resume the latest run, or the given last.pt (default: no)")

@@ -255,7 +255,7 @@ class PseudoLabeler(Callback):
             model,
             dataset.store,
             indices,
-            size=trainer.imgsz,
+            size=trainer.val_imgsz,  # the size the run's model is validated (and best.pt chosen) at
             conf_thres=trainer.config.pseudo_conf,
             batch_size=trainer.batch_size * 2,
             amp_dtype=trainer.amp_dtype,

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from detector.data.loader import collate_fn
+from detector.engine import pseudo as pseudo_labelling
 from detector.engine.callbacks import Callback, Callbacks
 from detector.engine.hooks import ValidationHook, default_hooks
 from detector.engine.pseudo import PSEUDO_LABEL_FILE, PseudoLabels
@@ -60,7 +61,7 @@ class KeepGenerations(Callback):
             self.by_epoch[trainer.state.epoch] = PseudoLabels.load(path)
 
 
-def test_ema_relabels_every_epoch_and_workers_train_on_each_generation(tiny, tmp_path, caplog):
+def test_ema_relabels_every_epoch_and_workers_train_on_each_generation(tiny, tmp_path, caplog, monkeypatch):
     data = yaml.safe_load(Path(tiny["data"]).read_text())
     data.pop("annotations")  # COCO JSON of the validation images: not needed here
     images = sorted((tiny["root"] / "data" / "images" / "train").glob("*.jpg"))
@@ -80,10 +81,20 @@ def test_ema_relabels_every_epoch_and_workers_train_on_each_generation(tiny, tmp
         batch_size=4,
         nbs=4,
         workers=1,  # one persistent worker, holding its own copy of the dataset
+        val_imgsz=96,  # trains at 64: the labels are made at the size the run is validated at
     )
     generations = KeepGenerations()
+    labelled_at, predict_labels = [], pseudo_labelling.predict_labels
+
+    def recorded(model, images, *, size, **kwargs):
+        labelled_at.append((size, len(images)))
+        return predict_labels(model, images, size=size, **kwargs)
+
+    monkeypatch.setattr(pseudo_labelling, "predict_labels", recorded)
     trainer = RecordingTrainer(config, callbacks=[generations])
     trainer.fit()
+    assert trainer.imgsz == 64 and {size for size, _ in labelled_at} == {96}
+    assert sum(count for _, count in labelled_at) == len(images) - 4  # once each, in generation 1
 
     # Epoch 0 trains on the labelled images only; the EMA model labels them before epoch 1.
     assert {e: (g.generation, g.epoch) for e, g in generations.by_epoch.items()} == {1: (1, 1)}
