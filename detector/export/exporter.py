@@ -47,11 +47,16 @@ from detector.utils.torch_utils import select_device
 LOGGER = logging.getLogger(__name__)
 
 FP32_TOLERANCE = 1e-3  # raw predictions vs PyTorch: |Δ| of scores, |Δ| / max(1, |value|) of pixel box values
-FP16_SCORE_TOLERANCE = 2e-2  # fp16 keeps ~3 significant digits: scores within 0.02 ...
-FP16_BOX_TOLERANCE = 1e-2  # ... and box values within 1%
+FP16_SCORE_TOLERANCE = 2e-2  # fp16 keeps ~3 significant digits: single scores within 0.02 (the --nms check)
+# fp16 checks the mean: rounding the logits to fp16 moves a box's width or height through exp-like decoding by up to
+# 7.5% at some anchor (yolov5n at 640 on coco128: PyTorch's own fp16 against its fp32, median 2.9%; an fp16 ONNX
+# against PyTorch's fp16 up to 3.5%), while the means stay at 4e-4 (boxes) and 2e-5 (scores); a broken graph moves
+# whole scales, far past these bounds
+FP16_MEAN_BOX_TOLERANCE = 2e-3
+FP16_MEAN_SCORE_TOLERANCE = 1e-3
 TOLERANCES = {  # precision -> (statistic of |Δ|, bound for boxes, bound for scores) of the raw-prediction check
     "fp32": ("max", FP32_TOLERANCE, FP32_TOLERANCE),
-    "fp16": ("max", FP16_BOX_TOLERANCE, FP16_SCORE_TOLERANCE),
+    "fp16": ("mean", FP16_MEAN_BOX_TOLERANCE, FP16_MEAN_SCORE_TOLERANCE),
     # int8 moves single outputs by up to ~0.3 (measured on yolov5n); the mean catches a broken graph instead
     "int8": ("mean", 0.1, 0.02),
 }
