@@ -304,10 +304,17 @@ def _floor_silu_inputs(graph: Any, tensors: Sequence[str]) -> None:
 
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     quantizers = {node.input[0]: node for node in graph.node if node.op_type == "QuantizeLinear"}
+    parameters_read: dict[str, list[list[str]]] = {}  # a quantizer's output -> its dequantizers' (scale, zero point)
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear":
+            parameters_read.setdefault(node.input[0], []).append(list(node.input[1:3]))
     for name in tensors:
         if name not in quantizers:  # left in float
             continue
-        scale_name, zero_point_name = quantizers[name].input[1:3]
+        quantizer = quantizers[name]
+        scale_name, zero_point_name = quantizer.input[1:3]
+        if any(read != [scale_name, zero_point_name] for read in parameters_read.get(quantizer.output[0], [])):
+            continue  # a dequantizer with parameters of its own: left as calibrated
         scale = numpy_helper.to_array(initializers[scale_name])
         zero_point = numpy_helper.to_array(initializers[zero_point_name])
         levels = np.iinfo(zero_point.dtype)
