@@ -17,19 +17,34 @@ mAP50-95 with the stem left in float, 0.361 with it quantized on the pinned inpu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
+from detector.data.builtin import BUILTIN_CLASSES
 from detector.export.base import ExportContext, validation_images
+
+LOGGER = logging.getLogger(__name__)
 
 INT8_CALIBRATION_IMAGES = 300  # at most this many validation images calibrate --int8
 IMAGE_LEVELS = 256  # an input is uint8 pixels / 255: quantized with scale 1 / 255 and zero point 0, exactly
 
 
 def calibration_images(ctx: ExportContext) -> list[np.ndarray]:
-    """Up to :data:`INT8_CALIBRATION_IMAGES` BGR validation images of ``--data`` (the built-in dataset's without it)."""
+    """Up to :data:`INT8_CALIBRATION_IMAGES` BGR validation images of ``--data`` (the built-in dataset's without it).
+
+    Without ``--data`` a model that does not predict the built-in dataset's classes gets a warning: its int8 ranges
+    then come from synthetic shapes, not from pictures like the ones it will see."""
+    names = tuple(ctx.metadata.get("names", ()))
+    if not ctx.config.data and names != BUILTIN_CLASSES:
+        LOGGER.warning(
+            "WARNING: --int8 without --data calibrates a model of %d classes (%s, ...) on the built-in dataset's "
+            "synthetic shapes; pass --data with images like the model's (e.g. --data coco128.yaml for a COCO model)",
+            len(names),
+            ", ".join(names[:3]),
+        )
     return validation_images(ctx.config.data, INT8_CALIBRATION_IMAGES)
 
 

@@ -544,3 +544,36 @@ def test_split_graph_finds_the_head_and_the_decode_of_a_hand_built_graph() -> No
     split = split_graph(inputs_of, ["stem", "c1", "c2", "head_a", "head_b"])
     assert split.head == {"head_a", "head_b"}
     assert split.decode == {"sig_a", "sig_b", "grid", "add", "out"}
+
+
+@pytest.mark.parametrize(
+    ("data", "names", "warned"),
+    [
+        ("", ("person", "bicycle", "car"), True),  # a COCO model, no --data: calibrated on synthetic shapes
+        ("", None, False),  # a model of the built-in dataset's classes: its own kind of images
+        ("my.yaml", ("person", "bicycle", "car"), False),
+    ],
+)
+def test_int8_calibration_without_data_warns_unless_the_model_is_of_the_builtin_classes(
+    data: str, names: tuple[str, ...] | None, warned: bool, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    import logging
+    from types import SimpleNamespace
+
+    from detector.data.builtin import BUILTIN_CLASSES
+    from detector.export import int8
+
+    read = []
+    monkeypatch.setattr(int8, "validation_images", lambda source, limit: read.append((source, limit)) or [])
+    ctx = SimpleNamespace(config=SimpleNamespace(data=data), metadata={"names": list(names or BUILTIN_CLASSES)})
+    with caplog.at_level(logging.WARNING, logger="detector"):
+        assert int8.calibration_images(ctx) == []
+    assert read == [(data, int8.INT8_CALIBRATION_IMAGES)]
+    messages = [record.getMessage() for record in caplog.records]
+    assert bool(messages) == warned
+    if warned:
+        assert messages == [
+            "WARNING: --int8 without --data calibrates a model of 3 classes (person, bicycle, car, ...) on the "
+            "built-in dataset's synthetic shapes; pass --data with images like the model's (e.g. --data "
+            "coco128.yaml for a COCO model)"
+        ]
