@@ -37,6 +37,7 @@ from detector.config import ExportConfig, build_config
 from detector.engine.backends import detections_from_output, load_backend
 from detector.errors import ConfigError, DetectorError, ExportError
 from detector.export.base import ExportContext, Format, format_for_include, quiet_tracing
+from detector.export.int8 import warn_if_calibrated_on_builtin
 from detector.export.metadata import build_metadata, model_names
 from detector.export.nms import match_detections, reference_detections
 from detector.export.onnx import MAX_OPSET, MIN_INT8_OPSET, MIN_OPSET
@@ -117,6 +118,8 @@ class Exporter:
             f"{', dynamic' if config.dynamic else ''}{', fp16' if config.half else ''}"
             f"{', NMS in graph' if config.nms else ''}{', int8' if config.int8 else ''}) to {run_dir}"
         )
+        if config.int8:
+            warn_if_calibrated_on_builtin(model_names(model), config.data)
         with tempfile.TemporaryDirectory(prefix=".export-", dir=run_dir) as work_dir:
             ctx = ExportContext(
                 config=config,

@@ -33,19 +33,20 @@ IMAGE_LEVELS = 256  # an input is uint8 pixels / 255: quantized with scale 1 / 2
 
 
 def calibration_images(ctx: ExportContext) -> list[np.ndarray]:
-    """Up to :data:`INT8_CALIBRATION_IMAGES` BGR validation images of ``--data`` (the built-in dataset's without it).
+    """Up to :data:`INT8_CALIBRATION_IMAGES` BGR validation images of ``--data`` (the built-in dataset's without it)."""
+    return validation_images(ctx.config.data, INT8_CALIBRATION_IMAGES)
 
-    Without ``--data`` a model that does not predict the built-in dataset's classes gets a warning: its int8 ranges
-    then come from synthetic shapes, not from pictures like the ones it will see."""
-    names = tuple(ctx.metadata.get("names", ()))
-    if not ctx.config.data and names != BUILTIN_CLASSES:
+
+def warn_if_calibrated_on_builtin(names: Sequence[str], data: str) -> None:
+    """One warning when ``--int8`` without ``--data`` is to calibrate a model that does not predict the built-in
+    dataset's classes: its int8 ranges would come from synthetic shapes, not from pictures like the ones it sees."""
+    if not data and tuple(names) != BUILTIN_CLASSES:
         LOGGER.warning(
             "WARNING: --int8 without --data calibrates a model of %d classes (%s, ...) on the built-in dataset's "
             "synthetic shapes; pass --data with images like the model's (e.g. --data coco128.yaml for a COCO model)",
             len(names),
             ", ".join(names[:3]),
         )
-    return validation_images(ctx.config.data, INT8_CALIBRATION_IMAGES)
 
 
 def calibration_inputs(ctx: ExportContext, images: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
