@@ -188,23 +188,23 @@ def _set_metadata(proto: Any, metadata: dict[str, Any]) -> None:
 
 
 def write_int8_onnx(ctx: ExportContext, path: Path, *, flavor: str) -> Path:
-    """The float32 graph of ``flavor`` ("raw" or "nms") written to the work folder, then quantized to ``path`` by
-    :func:`quantize_onnx`; its metadata gains ``"int8": true``."""
+    """The float32 graph of ``flavor`` ("raw" or "nms") written to the work folder, then quantized by
+    :func:`quantize_onnx` and written to ``path``; its metadata gains ``"int8": true``."""
     import onnx
 
     float_file = write_onnx(
         ctx, ctx.work_dir / f"{path.stem}_float.onnx", flavor=flavor, half=False, simplify=ctx.config.simplify
     )
-    quantize_onnx(float_file, path, ctx)
-    proto = onnx.load(str(path))
+    proto = quantize_onnx(float_file, ctx)
     metadata = {p.key: decode_metadata_value(p.value) for p in proto.metadata_props if not p.key.startswith("onnx.")}
     _set_metadata(proto, {**metadata, "int8": True})
     onnx.save(proto, str(path))
     return path
 
 
-def quantize_onnx(source: Path, target: Path, ctx: ExportContext) -> None:
-    """ONNX Runtime static quantization of ``source`` into ``target`` (QDQ format), calibrated on ``--data``.
+def quantize_onnx(source: Path, ctx: ExportContext) -> Any:
+    """ONNX Runtime static quantization of ``source`` (QDQ format), calibrated on ``--data``: the quantized
+    ModelProto, for the caller to save.
 
     Only the convolution trunk is quantized: int8 weights per output channel (symmetric), uint8 activations whose
     ranges are the mean over the calibration images of each image's minimum and maximum (less swayed by one
@@ -233,7 +233,8 @@ def quantize_onnx(source: Path, target: Path, ctx: ExportContext) -> None:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
-    prepared = ctx.work_dir / f"{target.stem}_prepared.onnx"
+    prepared = ctx.work_dir / f"{source.stem}_prepared.onnx"
+    quantized_file = ctx.work_dir / f"{source.stem}_quantized.onnx"
     # ONNX Runtime's recommended preparation: shape inference and its basic graph optimizations (constant folding;
     # Identity nodes removed - torch's exporter feeds identical biases, e.g. of an untrained model, through them)
     quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
@@ -246,7 +247,7 @@ def quantize_onnx(source: Path, target: Path, ctx: ExportContext) -> None:
     try:
         quantize_static(
             str(prepared),
-            str(target),
+            str(quantized_file),
             _CalibrationReader(calibration_inputs(ctx, images)),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
@@ -266,11 +267,12 @@ def quantize_onnx(source: Path, target: Path, ctx: ExportContext) -> None:
                 },
             },
         )
+        quantized = onnx.load(str(quantized_file))
     finally:
         prepared.unlink(missing_ok=True)
-    quantized = onnx.load(str(target))
+        quantized_file.unlink(missing_ok=True)
     _floor_silu_inputs(quantized.graph, _silu_inputs(graph))
-    onnx.save(quantized, str(target))
+    return quantized
 
 
 def _silu_inputs(graph: Any) -> list[str]:
