@@ -55,22 +55,28 @@ def assert_same_weights(path_a, path_b) -> None:
         assert not different, f"{entry}: {len(different)} tensors differ, e.g. {different[:3]}"
 
 
+def kill_after_checkpoint(command: list[str], last: Path, epoch: int) -> None:
+    """Start ``command`` and SIGKILL it as soon as ``last`` holds epoch ``epoch``'s checkpoint (so during the next
+    epoch, right after the checkpoint was renamed into place)."""
+    killed = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, seen = time.time() + 180, None
+    while killed.poll() is None and time.time() < deadline:
+        stamp = last.stat().st_mtime_ns if last.exists() else None
+        if stamp != seen and (seen := stamp) is not None and load_checkpoint(last)["epoch"] == epoch:
+            break
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert load_checkpoint(last)["epoch"] == epoch
+
+
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tiny):
     root, data = tiny
     run(train_command(root, data, "straight"))
 
-    killed = subprocess.Popen(
-        train_command(root, data, "killed"), cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     last = root / "runs" / "killed" / "weights" / "last.pt"
-    deadline = time.time() + 180
-    while not last.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)  # during epoch 1, right after epoch 0's checkpoint was renamed into place
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert load_checkpoint(last)["epoch"] == 0
+    kill_after_checkpoint(train_command(root, data, "killed"), last, epoch=0)  # during epoch 1
 
     resumed = run([sys.executable, "train.py", "--resume", str(last), "--workers", "0"])  # workers may change
     assert "Resuming" in resumed.stdout + resumed.stderr
@@ -102,21 +108,9 @@ def test_sigkill_in_the_close_mosaic_phase_at_the_test_size_then_resume_equals_u
     closed = ["--close-mosaic", "2", "--val-img", "96"]
     run(train_command(root, data, "closed-straight") + closed)
 
-    killed = subprocess.Popen(
-        train_command(root, data, "closed-killed") + closed, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     last = root / "runs" / "closed-killed" / "weights" / "last.pt"
-    deadline, seen = time.time() + 180, None
-    while killed.poll() is None and time.time() < deadline:
-        stamp = last.stat().st_mtime_ns if last.exists() else None
-        if stamp != seen and (seen := stamp) is not None and load_checkpoint(last)["epoch"] == 2:
-            break  # epoch 2, the first closed one, is saved: epoch 3 is running
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert load_checkpoint(last)["epoch"] == 2
+    # epoch 2, the first closed one, is saved: killed in epoch 3
+    kill_after_checkpoint(train_command(root, data, "closed-killed") + closed, last, epoch=2)
 
     resumed = run([sys.executable, "train.py", "--resume", str(last)])
     assert "Training images now load at 96 px" in resumed.stdout + resumed.stderr
