@@ -216,7 +216,7 @@ class ValConfig:
     """Options of ``val.py``."""
 
     data: str = ""  # dataset YAML; "" = the built-in synthetic dataset
-    weights: str = ""  # model weights (.pt, .torchscript, .onnx, OpenVINO folder, .engine)
+    weights: str | tuple[str, ...] = ""  # .pt, .torchscript, .onnx, OpenVINO folder, .engine; several: an ensemble
     batch_size: int = 32
     imgsz: int = 640  # inference size in pixels
     conf_thres: float = 0.001  # confidence threshold
@@ -249,7 +249,7 @@ class ValConfig:
 class DetectConfig:
     """Options of ``detect.py``."""
 
-    weights: str = ""  # model weights (any supported format)
+    weights: str | tuple[str, ...] = ""  # model weights (any supported format); several: an ensemble
     source: str = ""  # file, folder, glob, .txt list, video, webcam index, URL or .streams file
     data: str = ""  # optional dataset YAML for class names of formats that do not store them
     imgsz: tuple[int, ...] = (640,)  # inference size: one number, or height width

@@ -23,6 +23,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows each flag's default and keeps the description's line breaks."""
 
 
+class OneOrMany(argparse.Action):
+    """``nargs="+"`` that stores one value as itself and several as a tuple (``--weights a.pt`` or ``a.pt b.pt``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: str | None = None) -> None:
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else tuple(values))
+
+
 def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A parser whose unset flags are absent from the result, so only what the user typed overrides the config.
 

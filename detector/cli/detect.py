@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-from detector.cli.common import given_flags, new_parser, run_cli
+from detector.cli.common import OneOrMany, given_flags, new_parser, run_cli
 from detector.config import DetectConfig, build_config
 from detector.engine.sources import open_source
 
@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add(
         "--weights",
-        type=str,
-        help="model: .pt (ours or YOLOv5's), .torchscript, .onnx, *_openvino_model/, .engine" + _default("weights"),
+        nargs="+",
+        action=OneOrMany,
+        help="model: .pt (ours or YOLOv5's), .torchscript, .onnx, *_openvino_model/, .engine; several = an ensemble, "
+        "their boxes joined before NMS" + _default("weights"),
     )
     add(
         "--source",

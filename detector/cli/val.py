@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from detector.cli.common import CACHE_DIR_HELP, given_flags, new_parser, run_cli
+from detector.cli.common import CACHE_DIR_HELP, OneOrMany, given_flags, new_parser, run_cli
 from detector.cli.detect import add_tile_flags
 from detector.config import ValConfig, build_config
 
@@ -38,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data", type=str, help="dataset YAML; '' = the built-in synthetic dataset" + _default("data"))
     add(
         "--weights",
-        type=str,
-        help="model: .pt (ours or YOLOv5's), .torchscript, .onnx, *_openvino_model/, .engine; '' = the newest "
-        "runs/train/*/weights/best.pt" + _default("weights"),
+        nargs="+",
+        action=OneOrMany,
+        help="model: .pt (ours or YOLOv5's), .torchscript, .onnx, *_openvino_model/, .engine; several = an ensemble, "
+        "their boxes joined before NMS; '' = the newest runs/train/*/weights/best.pt" + _default("weights"),
     )
     add("--batch-size", type=int, dest="batch_size", help="images per batch" + _default("batch_size"))
     add(

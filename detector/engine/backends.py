@@ -127,15 +127,26 @@ class Backend(ABC):
 
 
 def load_backend(
-    weights: str | Path, device: str | torch.device = "", half: bool = False, data: str | Path | None = None
+    weights: str | Path | Sequence[str | Path],
+    device: str | torch.device = "",
+    half: bool = False,
+    data: str | Path | None = None,
 ) -> Backend:
     """Load ``weights`` of any supported format on ``device`` ("", "cpu", "0", ...).
 
     ``half`` runs in FP16 where the format allows it on CUDA; on a CPU with native bfloat16 (AVX512-BF16, AMX) a
     ``.pt`` runs under bf16 autocast instead, elsewhere on the CPU it is ignored with a warning. ``data`` is an
     optional dataset YAML whose class names are used when the weights store none (or to rename them).
+    Several weights (a list or tuple of two or more) load as one :class:`EnsembleBackend`.
     Errors (missing file, unknown suffix, missing runtime) are one-line :class:`CheckpointError`/:class:`ConfigError`.
     """
+    if not isinstance(weights, (str, Path)):
+        paths = [Path(w) for w in weights]
+        if not paths:
+            raise ConfigError("--weights is empty: give one weights file, or several for an ensemble")
+        if len(paths) > 1:
+            return EnsembleBackend([load_backend(path, device, half, data) for path in paths])
+        weights = paths[0]
     from detector.export.base import FORMATS, format_for_path  # the package registers every format on import
 
     path = Path(weights)
@@ -263,6 +274,75 @@ class PyTorchBackend(Backend):
         with torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             output = self.model(images)
         return output[0] if isinstance(output, (tuple, list)) else output
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Several models as one: --weights a.pt b.pt
+
+
+class EnsembleBackend(Backend):
+    """Models of one dataset's classes run on the same input, their raw predictions joined before NMS.
+
+    ``--weights a.pt b.onnx`` (YOLOv5's model ensembling): every member predicts on the same letterboxed batch
+    (each in its own format and precision, each with ``--augment`` when asked) and the (B, N_i, 5 + nc) outputs are
+    concatenated along the anchors, so one NMS chooses among all members' boxes. Members must predict the same
+    number of classes and return raw predictions (not exported with ``--nms``); the input must be a multiple of the
+    largest member stride and fit every member's fixed input size. The class names are the first member's.
+    """
+
+    format_name = "Ensemble"
+
+    def __init__(self, members: Sequence[Backend]) -> None:
+        first = members[0]
+        super().__init__(first.weights, first.device, False)
+        self.members = list(members)
+        for member in self.members:
+            if member.end2end:
+                raise ConfigError(
+                    f"{member.weights}: exported with --nms (final detections); an ensemble joins raw predictions, "
+                    "so export its members without --nms"
+                )
+            if member.nc != first.nc:
+                raise ConfigError(
+                    f"{member.weights}: predicts {member.nc} classes but {first.weights} predicts {first.nc}; "
+                    "an ensemble's models must share their classes"
+                )
+            if member.names != first.names:
+                LOGGER.warning(
+                    "WARNING: class names of %s differ from %s's; the ensemble uses the latter",
+                    member.weights,
+                    first.weights,
+                )
+        self.names = list(first.names)
+        self.stride = max(member.stride for member in self.members)
+        self.strides = tuple(sorted({s for member in self.members for s in member.strides}))
+        self.input_shape = _common_input_shape(self.members)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self(images)
+
+    def __call__(self, images: Tensor, augment: bool = False) -> Tensor:
+        """Each member's predictions for ``images`` (converted by each member to its device and dtype), joined."""
+        return torch.cat([member(images, augment=augment) for member in self.members], dim=1)
+
+    def warmup(self, imgsz: tuple[int, int] = (640, 640)) -> None:
+        for member in self.members:
+            member.warmup(self.fixed_hw or imgsz)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}([{', '.join(map(repr, self.members))}])"
+
+
+def _common_input_shape(members: Sequence[Backend]) -> tuple[int | None, int | None, int | None, int | None]:
+    """The input every member accepts: each fixed dimension fixed alike (or free) in all members."""
+    shape: list[int | None] = []
+    for axis, label in enumerate(("batch size", "channels", "height", "width")):
+        fixed = {member.input_shape[axis] for member in members} - {None}
+        if len(fixed) > 1:
+            listing = ", ".join(f"{m.weights}: {m.input_shape[axis]}" for m in members)
+            raise ConfigError(f"the ensemble's models take different fixed input {label}s ({listing})")
+        shape.append(fixed.pop() if fixed else None)
+    return shape[0], shape[1], shape[2], shape[3]
 
 
 # --------------------------------------------------------------------------------------------------------------------

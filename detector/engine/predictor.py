@@ -77,7 +77,8 @@ class Predictor:
     Options are detect.py's: ``imgsz`` one or two numbers (height, width); ``conf_thres``/``iou_thres``/``max_det``
     for NMS; ``classes`` keeps only those ids; ``agnostic_nms`` suppresses across classes; ``augment`` is test-time
     augmentation; ``half`` FP16 on CUDA; ``data`` a dataset YAML for class names. ``weights`` may also be an
-    already loaded :class:`Backend`. ``multi_label`` keeps a box for every class above ``conf_thres`` (val's rule).
+    already loaded :class:`Backend`, or a list of weights for an ensemble (:class:`EnsembleBackend`).
+    ``multi_label`` keeps a box for every class above ``conf_thres`` (val's rule).
 
     Tiling (:mod:`detector.engine.tiling`): with ``tiling`` (a :class:`TileOptions`, e.g.
     ``TileOptions.from_config(config)``; None = off) each image is predicted in overlapping tiles, each letterboxed
@@ -88,7 +89,7 @@ class Predictor:
 
     def __init__(
         self,
-        weights: str | Path | Backend,
+        weights: str | Path | Sequence[str | Path] | Backend,
         *,
         device: str | torch.device = "",
         imgsz: int | Sequence[int] = 640,
@@ -298,11 +299,12 @@ class Detector:
     read lazily with :meth:`stream` (results keep their frame, so a list of a long video holds every frame).
     ``tile=640`` (and ``tile_overlap``, ``tile_full``, ``tile_merge``, ``tile_match``, ``tile_match_thres``: detect.py's
     ``--tile*`` flags, :class:`~detector.engine.tiling.TileOptions`) predicts in tiles, for small objects.
+    ``Detector(["a.pt", "b.pt"])`` runs the models as an ensemble (detect.py ``--weights a.pt b.pt``).
     """
 
     def __init__(
         self,
-        weights: str | Path,
+        weights: str | Path | Sequence[str | Path],
         device: str = "",
         *,
         imgsz: int | Sequence[int] = 640,

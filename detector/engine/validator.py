@@ -633,14 +633,16 @@ def _setup(config: ValConfig) -> _Setup:
     from detector.data.dataset_config import COCO80_TO_COCO91, load_dataset_config
     from detector.engine.backends import load_backend
 
-    weights = resolve_weights(config.weights)
-    if not weights.exists():  # before the dataset, which may take a while to load (or generate)
-        raise CheckpointError(f"{weights}: weights not found")
+    paths = resolve_weights(config.weights)
+    for path in paths:
+        if not path.exists():  # before the dataset, which may take a while to load (or generate)
+            raise CheckpointError(f"{path}: weights not found")
+    weights = paths[0]  # names the JSON file; an ensemble is named after its first model, as in YOLOv5
     data = load_dataset_config(config.data)
     split = config.task if config.task in ("train", "val", "test") else "val"
     if not data.split(split):
         raise ConfigError(f"{data.yaml_path}: no '{split}' split (set the '{split}:' key, or use --task val)")
-    backend = load_backend(weights, config.device, half=config.half)
+    backend = load_backend(paths, config.device, half=config.half)
     if config.single_cls:
         names: tuple[str, ...] = ("item",)
     elif not backend.names:
@@ -801,15 +803,18 @@ def coco_evaluation(
     return metrics.replace(map=coco.map, map50=coco.map50, source="pycocotools")
 
 
-def resolve_weights(weights: str) -> Path:
-    """``weights`` as a path; "" means the most recent runs/train/*/weights/best.pt (what train.py just wrote)."""
+def resolve_weights(weights: str | Sequence[str]) -> list[Path]:
+    """``weights`` as paths (several: an ensemble); "" means the most recent runs/train/*/weights/best.pt (what
+    train.py just wrote)."""
+    if not isinstance(weights, str):
+        return [Path(w) for w in weights]
     if weights:
-        return Path(weights)
+        return [Path(weights)]
     candidates = sorted(Path("runs/train").glob("*/weights/best.pt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise ConfigError("--weights is required (no runs/train/*/weights/best.pt found to default to)")
     LOGGER.info("No --weights given: using the most recent %s", candidates[-1])
-    return candidates[-1]
+    return [candidates[-1]]
 
 
 def _check_image_size(imgsz: int, backend: Any) -> int:
