@@ -265,6 +265,7 @@ class DetectConfig:
     classes: tuple[int, ...] | None = None  # keep only these class ids
     agnostic_nms: bool = False
     augment: bool = False
+    visualize: bool = False  # save every layer's feature maps per image (.pt models): runs/detect/exp/<image>/
     project: str = "runs/detect"
     name: str = "exp"
     exist_ok: bool = False

@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="class-agnostic NMS" + _default("agnostic_nms"),
     )
     add("--augment", action="store_true", help="test-time augmentation (scales + flip)" + _default("augment"))
+    add(
+        "--visualize",
+        action="store_true",
+        help="save each layer's feature maps (first 32 channels as PNG, all as .npy) per image in <run>/<image>/; "
+        ".pt models" + _default("visualize"),
+    )
     add("--project", type=str, help="save results to project/name" + _default("project"))
     add("--name", type=str, help="save results to project/name" + _default("name"))
     add(

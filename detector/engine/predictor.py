@@ -28,7 +28,7 @@ import torch
 from detector.config import DetectConfig
 from detector.data.augment import Letterbox, letterbox
 from detector.data.media import WRITABLE_IMAGE_SUFFIXES
-from detector.engine.backends import Backend, detections_from_output, load_backend
+from detector.engine.backends import Backend, PyTorchBackend, detections_from_output, load_backend
 from detector.engine.results import Results, write_image
 from detector.engine.sources import FileSource, Frame, SourceInput, StreamSource, open_source
 from detector.engine.tiling import TileOptions, predict_tiled, tile_grid
@@ -255,6 +255,25 @@ class Predictor:
             outputs.append(self.backend(chunk, augment=self.augment)[:count])
         return torch.cat(outputs)
 
+    def save_feature_maps(self, image: np.ndarray, folder: Path) -> list[Path]:
+        """``--visualize``: every layer's output for BGR ``image``, letterboxed as :meth:`predict_images` does, saved
+        in ``folder`` as ``stage{i}_{module}_features.png`` and ``.npy`` (maps of 1 pixel in height or width are
+        skipped, as in YOLOv5). One extra forward of the image; a ``.pt`` model only."""
+        from detector.utils.plots import save_feature_maps
+
+        backend = self.backend
+        if not isinstance(backend, PyTorchBackend):
+            raise ConfigError(f"--visualize needs one .pt model (its layers' outputs), not {_model_kind(backend)}")
+        tensor, _ = self.preprocess([image])
+        with torch.inference_mode():
+            outputs = backend.model.layer_outputs(tensor)
+        written = []
+        for index, module, features in outputs:
+            if features.shape[2] > 1 and features.shape[3] > 1:
+                name = f"stage{index}_{module.split('.')[-1]}_features.png"
+                written.append(save_feature_maps(features[0].float().cpu().numpy(), folder / name))
+        return written
+
     def _to_results(self, detections: torch.Tensor, image: np.ndarray, input_shape: tuple[int, ...]) -> Results:
         """Results of (n, 6) detections already in ``image``'s pixels; ``input_shape`` (h, w) of the model input."""
         return Results(
@@ -476,6 +495,12 @@ def _image_name(path: str) -> str:
     return name if Path(name).suffix.lower() in WRITABLE_IMAGE_SUFFIXES else f"{Path(name).stem}.jpg"
 
 
+def _model_kind(backend: Backend) -> str:
+    """'an ONNX model (best.onnx)', for errors about what a format cannot do."""
+    kind = backend.format_name
+    return f"{'an' if kind[0] in 'AEIOU' else 'a'} {kind} model ({backend.weights})"
+
+
 def run_detect(config: DetectConfig, source: FileSource | StreamSource | None = None) -> Path:
     """detect.py: detect on ``config.source`` (or the already opened ``source``) with ``config.weights``.
 
@@ -488,6 +513,10 @@ def run_detect(config: DetectConfig, source: FileSource | StreamSource | None = 
     try:
         predictor = Predictor.from_config(config)
         LOGGER.info("%s on %s", predictor.backend, describe_device(predictor.backend.device))
+        if config.visualize and not isinstance(predictor.backend, PyTorchBackend):  # before the run folder exists
+            raise ConfigError(
+                f"--visualize needs one .pt model (its layers' outputs), not {_model_kind(predictor.backend)}"
+            )
         save_dir = increment_path(Path(config.project) / config.name, config.exist_ok)
         outputs, viewer = DetectOutputs(save_dir, config), Viewer(config.view_img)
         try:
@@ -498,6 +527,8 @@ def run_detect(config: DetectConfig, source: FileSource | StreamSource | None = 
                     shape = f"{predictor.tile_count(frame.image.shape)} tiles of {shape}"
                 speed = result.speed["inference"]
                 LOGGER.info("%s: %s %s, %.1fms", frame.describe(), shape, result.summary(), speed)
+                if config.visualize:  # before the boxes are drawn onto the frame
+                    predictor.save_feature_maps(frame.image, save_dir / _output_stem(frame))
                 outputs.write(frame, result)
                 viewer.show(frame.path if frame.kind != "image" else "detector", frame.image)  # one window per stream
         finally:
@@ -527,4 +558,6 @@ def _log_summary(speed: SpeedTotals, save_dir: Path, outputs: DetectOutputs, ski
         saved.append(f"{outputs.labels_written} label files in labels/")
     if outputs.config.save_crop:
         saved.append("crops in crops/")
+    if outputs.config.visualize:
+        saved.append("feature maps in a folder per image")
     LOGGER.info("Results saved to %s%s", save_dir, f" ({', '.join(saved)})" if saved else "")

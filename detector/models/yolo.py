@@ -438,6 +438,26 @@ class DetectionModel(nn.Module):
             outputs.append(x if spec.index in self._saved_indices else None)  # keep only what later layers read
         return x
 
+    def layer_outputs(self, x: Tensor) -> list[tuple[int, str, Tensor]]:
+        """What every layer before Detect outputs for ``x``: (layer index, module name, tensor), in layer order
+        (detect.py ``--visualize``)."""
+        outputs: list[tuple[int, str, Tensor]] = []
+
+        def record(spec: LayerSpec) -> Callable[..., None]:
+            return lambda _module, _inputs, output: outputs.append((spec.index, spec.module_name, output))
+
+        hooks = [
+            layer.register_forward_hook(record(spec))
+            for spec, layer in zip(self.layers, self.model, strict=True)
+            if layer is not self.detect
+        ]
+        try:
+            self.forward_raw(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return outputs
+
     def _forward_augment(self, x: Tensor) -> Tensor:
         """Test-time augmentation of the decoded eval forward: :func:`augmented_forward` (shared with every backend)."""
         strides = [int(s) for s in self.stride.tolist()]

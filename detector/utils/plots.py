@@ -1,5 +1,5 @@
 """Every plot a run writes, in one place: metric curves and the confusion matrix (val), batch mosaics (train and
-val), the label statistics (train), the image-size study (val --task study).
+val), the label statistics (train), the image-size study (val --task study), feature maps (detect --visualize).
 
 Matplotlib figures are built by ``*_figure`` functions that return the :class:`~matplotlib.figure.Figure`, so tests
 can read back what is drawn, and saved by the ``plot_*`` functions. Each figure has its own Agg canvas
@@ -38,6 +38,8 @@ PREDICTION_PLOT_CONF = 0.25  # prediction mosaics show boxes above this confiden
 CONFUSION_MIN_SHOWN = 0.005  # confusion-matrix cells below this are left blank
 MAX_OUTLINES = 1000  # labels.jpg: box outlines drawn in the overlay panel; more only darkens it
 MAX_NAMED_CLASSES = 30  # labels.jpg: beyond this the class axis shows indices only
+FEATURE_MAPS_SHOWN = 32  # --visualize: channels drawn per layer (all are kept in the .npy), 8 a row
+FEATURE_TILE_MIN_SIDE = 160  # --visualize: small maps are enlarged (nearest) to at least this many pixels
 
 ConfidenceCurve = Literal["f1", "precision", "recall"]
 _CURVE_LABELS: dict[str, str] = {"f1": "F1", "precision": "Precision", "recall": "Recall"}
@@ -419,3 +421,29 @@ def _name(names: Sequence[str], cls: int) -> str:
 def _legend(axes: Axes) -> None:
     if axes.get_legend_handles_labels()[0]:
         axes.legend(bbox_to_anchor=(1.04, 1), loc="upper left", fontsize=8)
+
+
+def save_feature_maps(features: np.ndarray, path: str | Path, shown: int = FEATURE_MAPS_SHOWN) -> Path:
+    """One layer's output (C, H, W) for ``--visualize``: its first ``shown`` channels as a PNG grid, 8 a row, each
+    channel scaled to its own minimum and maximum and coloured with viridis (dark low, yellow high), and the whole
+    float32 array beside it as ``.npy`` (YOLOv5's file names and layout). Returns the PNG's path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    features = np.asarray(features, dtype=np.float32)
+    np.save(path.with_suffix(".npy"), features)
+    maps = features[:shown]
+    low = maps.min(axis=(1, 2), keepdims=True)
+    span = maps.max(axis=(1, 2), keepdims=True) - low
+    levels = np.round(255 * (maps - low) / np.where(span > 0, span, 1)).astype(np.uint8)
+    zoom = max(1, math.ceil(FEATURE_TILE_MIN_SIDE / max(maps.shape[1:])))
+    gap = 4
+    height, width = maps.shape[1] * zoom, maps.shape[2] * zoom
+    columns = min(8, len(maps))
+    rows = math.ceil(len(maps) / columns)
+    grid = np.full((rows * (height + gap) - gap, columns * (width + gap) - gap, 3), 255, np.uint8)
+    for i, level in enumerate(levels):
+        tile = cv2.applyColorMap(np.kron(level, np.ones((zoom, zoom), np.uint8)), cv2.COLORMAP_VIRIDIS)
+        top, left = (i // columns) * (height + gap), (i % columns) * (width + gap)
+        grid[top : top + height, left : left + width] = tile
+    cv2.imwrite(str(path), grid)
+    return path

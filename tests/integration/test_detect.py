@@ -19,7 +19,7 @@ from torchvision.ops import box_iou
 from detector.config import DetectConfig
 from detector.engine.predictor import Detector, run_detect
 from detector.errors import ConfigError
-from detector.models.loading import checkpoint_model_entries
+from detector.models.loading import checkpoint_model_entries, load_model
 from detector.models.yolo import DetectionModel
 from detector.utils.checkpoint import save_checkpoint
 from detector.utils.drawing import class_color
@@ -189,6 +189,38 @@ def test_detect_run_folder_increments_and_nosave(tmp_path: Path, tiny_weights: P
     assert (first / "im.jpg").is_file()
     quiet = run_detect(dataclasses.replace(config, nosave=True, save_txt=True, name="q"))
     assert [p.relative_to(quiet).as_posix() for p in sorted(quiet.rglob("*.*"))] == ["labels/im.txt"]
+
+
+def test_visualize_saves_every_layers_output_per_image(tmp_path: Path, tiny_weights: Path) -> None:
+    """--visualize: per image a folder with each layer's output (.npy, checked against torch's own layers applied
+    one after another) and a PNG grid of its channels; 1-pixel maps skipped; only one .pt model can do it."""
+    image = tmp_path / "street.jpg"
+    cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 256, (128, 96, 3), dtype=np.uint8))
+    config = DetectConfig(
+        weights=str(tiny_weights), source=str(image), imgsz=(32,), visualize=True, project=str(tmp_path / "runs")
+    )
+    folder = run_detect(config) / "street"
+    # 32 x 24, padded to the stride (32 x 32), through five stride-2 convs: 16, 8, 4, 2, then 1 (not drawn, as YOLOv5)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"stage{i}_Conv_features.{suffix}" for i in range(4) for suffix in ("npy", "png")
+    )
+    maps = [np.load(folder / f"stage{i}_Conv_features.npy") for i in range(4)]
+    assert [m.shape for m in maps] == [(8, 16, 16), (8, 8, 8), (16, 4, 4), (16, 2, 2)]
+    model = load_model(tiny_weights, fuse=True).eval()
+    with torch.no_grad():
+        for i in range(3):
+            following = model.model[i + 1](torch.from_numpy(maps[i])[None])[0].numpy()
+            np.testing.assert_allclose(maps[i + 1], following, atol=1e-5)
+    grid = cv2.imread(str(folder / "stage0_Conv_features.png"))
+    zoom = 160 // 16  # maps are enlarged to at least 160 px, 8 a row with 4-px gaps
+    assert grid.shape == (16 * zoom, 8 * 16 * zoom + 7 * 4, 3)
+    top = np.unravel_index(maps[0][0].argmax(), maps[0][0].shape)
+    viridis_top = cv2.applyColorMap(np.full((1, 1), 255, np.uint8), cv2.COLORMAP_VIRIDIS)[0, 0]
+    np.testing.assert_array_equal(grid[top[0] * zoom, top[1] * zoom], viridis_top)  # channel 0's maximum: yellow
+
+    with pytest.raises(ConfigError, match=r"--visualize needs one \.pt model .*not an Ensemble model"):
+        run_detect(dataclasses.replace(config, weights=(str(tiny_weights), str(tiny_weights)), name="ensemble"))
+    assert not (tmp_path / "runs" / "ensemble").exists()
 
 
 def test_python_api_arrays_lists_videos_and_streams(tmp_path: Path, tiny_weights: Path) -> None:
