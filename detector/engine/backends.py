@@ -145,6 +145,9 @@ def load_backend(
         if not paths:
             raise ConfigError("--weights is empty: give one weights file, or several for an ensemble")
         if len(paths) > 1:
+            for path in paths:  # every file before any is loaded (a model can take seconds)
+                if not path.exists():
+                    raise CheckpointError(f"{path}: weights not found")
             return EnsembleBackend([load_backend(path, device, half, data) for path in paths])
         weights = paths[0]
     from detector.export.base import FORMATS, format_for_path  # the package registers every format on import
