@@ -261,6 +261,8 @@ class DetectConfig:
     save_txt: bool = False
     save_conf: bool = False
     save_crop: bool = False
+    save_format: Literal[0, 1] = 0  # --save-txt boxes: 0 = YOLO x_center y_center w h, 1 = x1 y1 x2 y2; normalised
+    save_csv: bool = False  # one predictions.csv row per detection: image, frame, class, confidence, box in pixels
     nosave: bool = False
     classes: tuple[int, ...] | None = None  # keep only these class ids
     agnostic_nms: bool = False

@@ -75,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
         dest="save_crop",
         help="save each detection's crop to crops/<class>/" + _default("save_crop"),
     )
+    add(
+        "--save-format",
+        type=int,
+        choices=[0, 1],
+        dest="save_format",
+        help="--save-txt boxes: 0 = YOLO (x_center y_center width height), 1 = Pascal-VOC corners (x1 y1 x2 y2), "
+        "both normalised 0-1" + _default("save_format"),
+    )
+    add(
+        "--save-csv",
+        action="store_true",
+        dest="save_csv",
+        help="save every detection to predictions.csv (image, frame, class, confidence, x1 y1 x2 y2 pixels)"
+        + _default("save_csv"),
+    )
     add("--nosave", action="store_true", help="do not save annotated images/videos" + _default("nosave"))
     add(
         "--classes",

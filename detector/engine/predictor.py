@@ -13,6 +13,7 @@ BGR->RGB and HWC->CHW at once into the batch buffer; the uint8 batch goes to the
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import cv2
 import numpy as np
@@ -39,6 +41,9 @@ from detector.utils.files import increment_path
 from detector.utils.torch_utils import describe_device, time_sync
 
 LOGGER = logging.getLogger(__name__)
+
+PREDICTIONS_CSV = "predictions.csv"  # --save-csv: one row per detection, in the run folder
+PREDICTIONS_CSV_HEADER = ("image", "frame", "class", "class_id", "confidence", "x1", "y1", "x2", "y2")
 
 
 @dataclass
@@ -399,6 +404,12 @@ class DetectOutputs:
         self._videos: dict[str, tuple[cv2.VideoWriter, Path]] = {}  # source path/URL -> (writer, output)
         if config.save_txt:
             (save_dir / "labels").mkdir(parents=True, exist_ok=True)
+        self._csv_file: TextIO | None = None
+        if config.save_csv:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            self._csv_file = open(save_dir / PREDICTIONS_CSV, "w", newline="", encoding="utf-8")  # noqa: SIM115
+            self._csv = csv.writer(self._csv_file)
+            self._csv.writerow(PREDICTIONS_CSV_HEADER)
 
     @property
     def draws(self) -> bool:
@@ -408,10 +419,13 @@ class DetectOutputs:
         """Save what the flags ask for; draws the boxes on ``frame.image`` itself (crops are taken before)."""
         stem = _output_stem(frame)
         if self.config.save_txt:
-            result.save_txt(self.save_dir / "labels" / f"{stem}.txt", save_conf=self.config.save_conf)
+            path = self.save_dir / "labels" / f"{stem}.txt"
+            result.save_txt(path, save_conf=self.config.save_conf, xyxy=self.config.save_format == 1)
             self.labels_written += 1
         if self.config.save_crop:
             result.save_crops(self.save_dir / "crops", stem)
+        if self._csv_file is not None:
+            self._write_csv(frame, result)
         if self.draws:
             result.plot(
                 line_thickness=self.config.line_thickness,
@@ -426,11 +440,20 @@ class DetectOutputs:
         else:
             self._video_writer(frame).write(frame.image)
 
+    def _write_csv(self, frame: Frame, result: Results) -> None:
+        """One row per detection, flushed with each frame (an interrupted run keeps what it found)."""
+        for box, confidence, class_id in zip(result.boxes, result.confidences, result.class_ids, strict=True):
+            name = result.names[class_id] if class_id < len(result.names) else str(class_id)
+            self._csv.writerow(
+                [frame.path, frame.frame, name, int(class_id), f"{confidence:.5f}", *(f"{v:.1f}" for v in box)]
+            )
+        self._csv_file.flush()
+
     def _video_writer(self, frame: Frame) -> cv2.VideoWriter:
         key = f"{frame.kind}:{frame.path}"
         if key not in self._videos:
             if frame.kind == "video":
-                self.close()  # files are read one after another: the previous video is complete
+                self._close_videos()  # files are read one after another: the previous video is complete
             path = self.save_dir / f"{_output_stem(frame, with_frame=False)}.mp4"
             height, width = frame.image.shape[:2]
             writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), frame.fps or 30.0, (width, height))
@@ -440,6 +463,12 @@ class DetectOutputs:
         return self._videos[key][0]
 
     def close(self) -> None:
+        self._close_videos()
+        if self._csv_file is not None:
+            self._csv_file.close()
+            self._csv_file = None
+
+    def _close_videos(self) -> None:
         for writer, _ in self._videos.values():
             writer.release()
         self._videos.clear()
@@ -558,6 +587,8 @@ def _log_summary(speed: SpeedTotals, save_dir: Path, outputs: DetectOutputs, ski
         saved.append(f"{outputs.labels_written} label files in labels/")
     if outputs.config.save_crop:
         saved.append("crops in crops/")
+    if outputs.config.save_csv:
+        saved.append(f"detections in {PREDICTIONS_CSV}")
     if outputs.config.visualize:
         saved.append("feature maps in a folder per image")
     LOGGER.info("Results saved to %s%s", save_dir, f" ({', '.join(saved)})" if saved else "")

@@ -103,23 +103,28 @@ class Results:
 
     tojson = to_json  # the spelling ultralytics users know
 
-    def yolo_lines(self, save_conf: bool = False) -> list[str]:
-        """YOLO label lines 'class x_center y_center width height [confidence]', coordinates normalised 0-1."""
+    def yolo_lines(self, save_conf: bool = False, xyxy: bool = False) -> list[str]:
+        """YOLO label lines 'class x_center y_center width height [confidence]', coordinates normalised 0-1;
+        with ``xyxy`` 'class x1 y1 x2 y2 [confidence]', corners normalised 0-1 (YOLOv5's ``--save-format 1``)."""
         height, width = self.orig_shape
-        boxes_xywhn = xyxy2xywhn(self.boxes.astype(np.float64), width, height)
+        boxes = self.boxes.astype(np.float64)
+        if xyxy:
+            normalised = boxes / np.array([width, height, width, height], np.float64)
+        else:
+            normalised = xyxy2xywhn(boxes, width, height)
         lines = []
-        for box, confidence, class_id in zip(boxes_xywhn, self.confidences, self.class_ids, strict=True):
+        for box, confidence, class_id in zip(normalised, self.confidences, self.class_ids, strict=True):
             values = [f"{v:.6g}" for v in box]
             if save_conf:
                 values.append(f"{float(confidence):.6g}")
             lines.append(" ".join([str(int(class_id)), *values]))
         return lines
 
-    def save_txt(self, path: str | Path, save_conf: bool = False) -> Path:
+    def save_txt(self, path: str | Path, save_conf: bool = False, xyxy: bool = False) -> Path:
         """Write the detections as a YOLO label file (see :meth:`yolo_lines`); an empty file when there are none."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        lines = self.yolo_lines(save_conf)
+        lines = self.yolo_lines(save_conf, xyxy)
         path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
         return path
 

@@ -3,6 +3,7 @@ mixed image formats, label files against the drawn boxes, and bad sources throug
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 import subprocess
@@ -69,7 +70,7 @@ def test_yolov5n_matches_yolov5_detect(
 ) -> None:
     run = run_detect_script(
         "--weights", str(yolov5n_weights), "--source", str(shared_images), "--img", "640",
-        "--conf-thres", "0.25", "--iou-thres", "0.45", "--save-txt", "--save-conf", "--save-crop",
+        "--conf-thres", "0.25", "--iou-thres", "0.45", "--save-txt", "--save-conf", "--save-crop", "--save-csv",
         "--project", str(tmp_path), "--name", "exp",
         cwd=tmp_path,
     )  # fmt: skip
@@ -93,6 +94,20 @@ def test_yolov5n_matches_yolov5_detect(
         annotated = cv2.imread(str(tmp_path / "exp" / f"{stem}.jpg"))
         assert annotated.shape == (height, width, 3)
         _assert_boxes_drawn(annotated, ours, width, height)
+    # --save-csv: the same detections as YOLOv5's label files, in pixels, a row each
+    with open(tmp_path / "exp" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["image", "frame", "class", "class_id", "confidence", "x1", "y1", "x2", "y2"]
+    for stem, (width, height) in {"bus": (810, 1080), "zidane": (1280, 720)}.items():
+        mine = [r for r in rows if Path(r["image"]).name == f"{stem}.jpg"]
+        table = np.array([[r["class_id"], r["x1"], r["y1"], r["x2"], r["y2"], r["confidence"]] for r in mine], float)
+        table = table[np.lexsort((-table[:, 5], table[:, 0]))]
+        reference = read_labels(reference_detections / f"{stem}.txt")
+        np.testing.assert_array_equal(table[:, 0], reference[:, 0])
+        np.testing.assert_allclose(table[:, 5], reference[:, 5], atol=0.01)
+        np.testing.assert_allclose(table[:, 1:5], xywhn_to_xyxy(reference, width, height), atol=2.0)
+        assert {r["class"] for r in mine} == ({"person", "bus"} if stem == "bus" else {"person", "tie"})
+        assert {r["frame"] for r in mine} == {"0"}
     assert len(list((tmp_path / "exp" / "crops" / "person").glob("*.jpg"))) == 6
     bus_crops = [p.name for p in (tmp_path / "exp" / "crops" / "bus").glob("*.jpg")]
     assert bus_crops == ["bus_4.jpg"]  # the bus is the 5th (least confident) detection of bus.jpg
@@ -160,7 +175,7 @@ def test_video_is_reencoded_with_every_frame(tmp_path: Path, tiny_weights: Path)
     video = tmp_path / "clip.mp4"
     _write_video(video, frames=7)
     run = run_detect_script(
-        "--weights", str(tiny_weights), "--source", str(video), "--img", "64", "96", "--save-txt",
+        "--weights", str(tiny_weights), "--source", str(video), "--img", "64", "96", "--save-txt", "--save-csv",
         "--view-img", "--project", str(tmp_path / "runs"),
         cwd=tmp_path,
     )  # fmt: skip
@@ -177,6 +192,12 @@ def test_video_is_reencoded_with_every_frame(tmp_path: Path, tiny_weights: Path)
     assert frames == 7
     label_files = sorted(p.name for p in (tmp_path / "runs" / "exp" / "labels").glob("*.txt"))
     assert label_files == sorted(f"clip_{i}.txt" for i in range(1, 8))
+    with open(tmp_path / "runs" / "exp" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for i in range(1, 8):  # each frame's rows are its label file's boxes
+        labels = np.loadtxt(tmp_path / "runs" / "exp" / "labels" / f"clip_{i}.txt", ndmin=2)
+        mine = [r for r in rows if r["frame"] == str(i)]
+        assert len(mine) == len(labels) > 0 and {r["image"] for r in mine} == {str(video)}
 
 
 def test_detect_run_folder_increments_and_nosave(tmp_path: Path, tiny_weights: Path) -> None:
@@ -189,6 +210,10 @@ def test_detect_run_folder_increments_and_nosave(tmp_path: Path, tiny_weights: P
     assert (first / "im.jpg").is_file()
     quiet = run_detect(dataclasses.replace(config, nosave=True, save_txt=True, name="q"))
     assert [p.relative_to(quiet).as_posix() for p in sorted(quiet.rglob("*.*"))] == ["labels/im.txt"]
+    corners = run_detect(dataclasses.replace(config, nosave=True, save_txt=True, save_format=1, name="voc"))
+    yolo, voc = (np.loadtxt(run / "labels" / "im.txt", ndmin=2) for run in (quiet, corners))
+    assert len(yolo) > 0
+    np.testing.assert_allclose(voc[:, 1:], xywhn_to_xyxy(yolo, 1, 1), atol=1e-5)  # --save-format 1: x1 y1 x2 y2
 
 
 def test_visualize_saves_every_layers_output_per_image(tmp_path: Path, tiny_weights: Path) -> None:

@@ -53,6 +53,10 @@ def test_yolo_lines_hand_computed(tmp_path: Path) -> None:
     np.testing.assert_allclose(table[:, 5], result.confidences, atol=1e-6)
     empty = Results(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), ("a",), (5, 5))
     assert empty.save_txt(tmp_path / "empty.txt").read_text() == ""
+    # detect.py --save-format 1: corners, normalised - box 2 (60, 10, 90, 30) in 100x80 -> 0.6 0.125 0.9 0.375
+    assert result.yolo_lines(save_conf=True, xyxy=True)[2] == "0 0.6 0.125 0.9 0.375 0.25"
+    corners = result.save_txt(tmp_path / "voc.txt", xyxy=True).read_text().splitlines()
+    assert corners == ["5 0.1 0.25 0.5 0.75", "0 0 0 1 1", "0 0.6 0.125 0.9 0.375"]
 
 
 def test_plot_copy_inplace_and_save(tmp_path: Path) -> None:
