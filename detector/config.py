@@ -237,6 +237,7 @@ class ValConfig:
     name: str = "exp"
     exist_ok: bool = False
     half: bool = False  # FP16 on CUDA; bf16 (.pt, OpenVINO) on CPUs with native bf16
+    dnn: bool = False  # run .onnx weights with OpenCV's DNN module instead of ONNX Runtime
     tile: int = 0  # > 0: predict each whole image in overlapping tiles of this many px (small objects); 0 = off
     tile_overlap: float = 0.2  # overlap of neighbouring tiles, as a fraction of the tile, in [0, 1)
     tile_full: bool = False  # with tiles: also predict on the whole downscaled image (objects larger than a tile)
@@ -275,6 +276,7 @@ class DetectConfig:
     hide_labels: bool = False
     hide_conf: bool = False
     half: bool = False  # FP16 on CUDA; bf16 (.pt, OpenVINO) on CPUs with native bf16
+    dnn: bool = False  # run .onnx weights with OpenCV's DNN module instead of ONNX Runtime
     vid_stride: int = 1
     tile: int = 0  # > 0: predict each whole image in overlapping tiles of this many px (small objects); 0 = off
     tile_overlap: float = 0.2  # overlap of neighbouring tiles, as a fraction of the tile, in [0, 1)

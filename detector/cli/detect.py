@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         + _default("half"),
     )
     add(
+        "--dnn",
+        action="store_true",
+        help="run .onnx weights with OpenCV's DNN module instead of ONNX Runtime (no onnxruntime needed)"
+        + _default("dnn"),
+    )
+    add(
         "--vid-stride",
         type=int,
         dest="vid_stride",

@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="half precision: FP16 on CUDA; bf16 for a .pt or OpenVINO model on CPUs with native bf16 (AVX512-BF16/AMX)"
         + _default("half"),
     )
+    add(
+        "--dnn",
+        action="store_true",
+        help="run .onnx weights with OpenCV's DNN module instead of ONNX Runtime (no onnxruntime needed)"
+        + _default("dnn"),
+    )
     add_tile_flags(parser, _default)
     return parser
 

@@ -131,13 +131,15 @@ def load_backend(
     device: str | torch.device = "",
     half: bool = False,
     data: str | Path | None = None,
+    dnn: bool = False,
 ) -> Backend:
     """Load ``weights`` of any supported format on ``device`` ("", "cpu", "0", ...).
 
     ``half`` runs in FP16 where the format allows it on CUDA; on a CPU with native bfloat16 (AVX512-BF16, AMX) a
     ``.pt`` runs under bf16 autocast instead, elsewhere on the CPU it is ignored with a warning. ``data`` is an
     optional dataset YAML whose class names are used when the weights store none (or to rename them).
-    Several weights (a list or tuple of two or more) load as one :class:`EnsembleBackend`.
+    Several weights (a list or tuple of two or more) load as one :class:`EnsembleBackend`. ``dnn`` runs ``.onnx``
+    files with OpenCV's DNN module instead of ONNX Runtime (``detector.export.onnx.OpenCVDnnBackend``).
     Errors (missing file, unknown suffix, missing runtime) are one-line :class:`CheckpointError`/:class:`ConfigError`.
     """
     if not isinstance(weights, (str, Path)):
@@ -148,7 +150,11 @@ def load_backend(
             for path in paths:  # every file before any is loaded (a model can take seconds)
                 if not path.exists():
                     raise CheckpointError(f"{path}: weights not found")
-            return EnsembleBackend([load_backend(path, device, half, data) for path in paths])
+            if dnn and not any(path.suffix.lower() == ".onnx" for path in paths):
+                raise ConfigError("--dnn runs .onnx files with OpenCV's DNN module; none of the --weights is one")
+            # --dnn applies to the ensemble's ONNX files; the other formats run as always
+            members = [load_backend(p, device, half, data, dnn and p.suffix.lower() == ".onnx") for p in paths]
+            return EnsembleBackend(members)
         weights = paths[0]
     from detector.export.base import FORMATS, format_for_path  # the package registers every format on import
 
@@ -165,6 +171,8 @@ def load_backend(
         )
     if not path.exists():
         raise CheckpointError(f"{path}: weights not found")
+    if dnn and path.suffix.lower() != ".onnx":
+        raise ConfigError(f"--dnn runs .onnx files with OpenCV's DNN module, not {path.name}")
     torch_device = select_device(device)
     bf16_capable = is_checkpoint or getattr(weights_format, "name", "") == "openvino"  # bf16 on the CPU: these two
     cpu_bf16 = half and bf16_capable and half_precision_dtype(torch_device) == torch.bfloat16
@@ -177,6 +185,10 @@ def load_backend(
         half = False
     if weights_format is None:
         backend: Backend = PyTorchBackend(path, torch_device, half)
+    elif dnn:
+        from detector.export.onnx import OpenCVDnnBackend
+
+        backend = OpenCVDnnBackend(path, torch_device, half)
     else:
         backend = weights_format().load(path, torch_device, half)
     if data:

@@ -81,7 +81,8 @@ class Predictor:
 
     Options are detect.py's: ``imgsz`` one or two numbers (height, width); ``conf_thres``/``iou_thres``/``max_det``
     for NMS; ``classes`` keeps only those ids; ``agnostic_nms`` suppresses across classes; ``augment`` is test-time
-    augmentation; ``half`` FP16 on CUDA; ``data`` a dataset YAML for class names. ``weights`` may also be an
+    augmentation; ``half`` FP16 on CUDA; ``data`` a dataset YAML for class names; ``dnn`` runs ONNX files with
+    OpenCV's DNN module. ``weights`` may also be an
     already loaded :class:`Backend`, or a list of weights for an ensemble (:class:`EnsembleBackend`).
     ``multi_label`` keeps a box for every class above ``conf_thres`` (val's rule).
 
@@ -106,6 +107,7 @@ class Predictor:
         augment: bool = False,
         half: bool = False,
         data: str | Path | None = None,
+        dnn: bool = False,
         multi_label: bool = False,
         tiling: TileOptions | None = None,
     ) -> None:
@@ -117,7 +119,7 @@ class Predictor:
         if isinstance(weights, Backend):
             self.backend: Backend = weights
         else:
-            self.backend = load_backend(weights, device, half=half, data=data or None)
+            self.backend = load_backend(weights, device, half=half, data=data or None, dnn=dnn)
         self.imgsz = check_imgsz(imgsz, self.backend.stride)
         if self.backend.fixed_hw and self.backend.fixed_hw != self.imgsz:
             LOGGER.warning(
@@ -152,6 +154,7 @@ class Predictor:
             augment=config.augment,
             half=config.half,
             data=config.data,
+            dnn=config.dnn,
             tiling=TileOptions.from_config(config),
         )
 
@@ -340,6 +343,7 @@ class Detector:
         augment: bool = False,
         half: bool = False,
         data: str | Path | None = None,
+        dnn: bool = False,
         tile: int = 0,
         tile_overlap: float = 0.2,
         tile_full: bool = False,
@@ -362,6 +366,7 @@ class Detector:
             augment=augment,
             half=half,
             data=data,
+            dnn=dnn,
             tiling=tiling,
         )
 

@@ -642,7 +642,7 @@ def _setup(config: ValConfig) -> _Setup:
     split = config.task if config.task in ("train", "val", "test") else "val"
     if not data.split(split):
         raise ConfigError(f"{data.yaml_path}: no '{split}' split (set the '{split}:' key, or use --task val)")
-    backend = load_backend(paths, config.device, half=config.half)
+    backend = load_backend(paths, config.device, half=config.half, dnn=config.dnn)
     if config.single_cls:
         names: tuple[str, ...] = ("item",)
     elif not backend.names:

@@ -1,4 +1,5 @@
-"""ONNX: ``<stem>.onnx`` written by torch.onnx, run by ONNX Runtime; metadata in ``metadata_props``.
+"""ONNX: ``<stem>.onnx`` written by torch.onnx, run by ONNX Runtime (or OpenCV's DNN module with ``--dnn``);
+metadata in ``metadata_props``.
 
 Options: ``--opset``, ``--dynamic`` (batch, height and width free), ``--simplify`` (onnxslim), ``--half`` (fp16
 graph and input), ``--nms`` (single-label NMS in the graph, :mod:`detector.export.nms`), ``--int8`` (ONNX Runtime's
@@ -22,10 +23,11 @@ from detector.engine.backends import (
     Backend,
     apply_metadata,
     end2end_to_detections,
+    exported_input_shape,
     first_line,
     shape_from_dims,
 )
-from detector.errors import CheckpointError, ExportError
+from detector.errors import CheckpointError, ConfigError, ExportError
 from detector.export.base import INPUT_NAME, ExportContext, Format, RawOutput, quiet_tracing, register_format
 from detector.export.int8 import IMAGE_LEVELS, calibration_images, calibration_inputs, split_graph
 from detector.export.metadata import decode_metadata_value, nms_metadata
@@ -82,6 +84,66 @@ class OnnxBackend(Backend):
             by_name = dict(zip(self.output_names, outputs, strict=True))
             return end2end_to_detections(*(torch.from_numpy(by_name[n]) for n in NMS_OUTPUT_NAMES))
         return torch.from_numpy(outputs[0])
+
+
+class OpenCVDnnBackend(Backend):
+    """An ONNX model run by OpenCV's DNN module (``--dnn``, as in YOLOv5): OpenCV is a dependency of ours, so an
+    exported model runs without ONNX Runtime. Raw-output float32 models (not ``--nms``, ``--half`` or ``--int8``
+    files, whose operators OpenCV lacks or computes differently); CPU, or CUDA where OpenCV was built with it.
+    The metadata (class names, stride, input size) is read with the ``onnx`` package when it is installed;
+    without it, names come from ``--data`` and the input is taken as free."""
+
+    format_name = "ONNX (OpenCV DNN)"
+
+    def __init__(self, weights: Path, device: torch.device, half: bool) -> None:
+        super().__init__(weights, device, half)
+        import cv2
+
+        metadata = _metadata_without_runtime(weights)
+        apply_metadata(self, metadata, str(weights))
+        refused = [flag for flag in ("--nms", "--half", "--int8") if metadata.get(flag[2:])]
+        if refused:
+            raise ConfigError(
+                f"{weights}: exported with {refused[0]}, which OpenCV's DNN module does not run; drop --dnn (ONNX "
+                "Runtime runs it)"
+            )
+        self.input_shape = exported_input_shape(metadata)
+        try:
+            self.net = cv2.dnn.readNetFromONNX(str(weights))
+        except cv2.error as e:
+            raise CheckpointError(f"{weights}: OpenCV's DNN module cannot load it ({first_line(e)})") from e
+        outputs = self.net.getUnconnectedOutLayersNames()
+        if len(outputs) != 1:  # e.g. an NMS graph whose metadata was lost: detections, not predictions
+            raise ConfigError(
+                f"{weights}: has {len(outputs)} outputs ({', '.join(outputs)}); --dnn runs models with one raw "
+                "prediction output"
+            )
+        if device.type == "cuda":
+            if cv2.cuda.getCudaEnabledDeviceCount() > 0:
+                self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_CUDA)
+                self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CUDA)
+            else:
+                LOGGER.warning("WARNING: --dnn: this OpenCV was built without CUDA; running on the CPU")
+        self.device = torch.device("cpu")  # inputs and outputs pass through numpy either way
+
+    def forward(self, images: Tensor) -> Tensor:
+        self.net.setInput(images.detach().cpu().float().numpy())
+        return torch.from_numpy(self.net.forward())
+
+
+def _metadata_without_runtime(path: Path) -> dict[str, Any]:
+    """``path``'s metadata through the ``onnx`` package, or {} with a warning when it is not installed."""
+    try:
+        import onnx
+    except ImportError:
+        LOGGER.warning(
+            "WARNING: --dnn: the onnx package reads the class names and input size stored in %s "
+            "(pip install onnx); without it, names come from --data",
+            path,
+        )
+        return {}
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: decode_metadata_value(p.value) for p in proto.metadata_props}
 
 
 @register_format

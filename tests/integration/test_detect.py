@@ -113,6 +113,29 @@ def test_yolov5n_matches_yolov5_detect(
     assert bus_crops == ["bus_4.jpg"]  # the bus is the 5th (least confident) detection of bus.jpg
 
 
+@pytest.mark.slow
+def test_dnn_runs_the_yolov5n_onnx_with_opencv_and_matches_yolov5_detect(
+    tmp_path: Path, yolov5n_weights: Path, shared_images: Path, reference_detections: Path
+) -> None:
+    """detect.py --dnn: yolov5n's --dynamic ONNX export through OpenCV's DNN module finds YOLOv5's boxes."""
+    from detector.config import ExportConfig
+    from detector.export import Exporter
+
+    config = ExportConfig(weights=str(yolov5n_weights), include=("onnx",), dynamic=True, project=str(tmp_path / "x"))
+    (exported,) = Exporter(config).run()
+    run = run_detect_script(
+        "--weights", str(exported.path), "--dnn", "--source", str(shared_images), "--img", "640",
+        "--save-txt", "--save-conf", "--nosave", "--project", str(tmp_path), "--name", "dnn",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "OpenCVDnnBackend(" in run.stdout + run.stderr  # the model ran in OpenCV, not ONNX Runtime
+    assert "bus.jpg: 640x480 4 persons, 1 bus, " in run.stdout
+    compare = [sys.executable, str(reference_detections.parent / "compare_dets.py"), str(reference_detections)]
+    checked = subprocess.run([*compare, str(tmp_path / "dnn" / "labels")], capture_output=True, text=True)
+    assert checked.returncode == 0 and checked.stdout.startswith("8/8 "), checked.stdout
+
+
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 --half on the CPU needs native bfloat16 (AVX512-BF16/AMX)")
 def test_half_on_a_bf16_cpu_finds_the_fp32_detections(yolov5n_weights: Path, shared_images: Path) -> None:
     """--half on a CPU with native bf16: bf16 autocast, Detect decoding in fp32; the same objects as fp32."""

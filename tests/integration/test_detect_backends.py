@@ -188,6 +188,36 @@ def test_onnx_end2end_outputs(tmp_path: Path, images: torch.Tensor) -> None:
     assert detections_from_output(output, True, conf_thres=0.25, classes=[0])[0][:, 5].tolist() == [0.0]
 
 
+def test_opencv_dnn_backend_runs_what_onnx_runtime_runs(
+    tmp_path: Path, tiny_model: DetectionModel, images: torch.Tensor
+) -> None:
+    """--dnn: the same ONNX files through OpenCV's DNN module, against ONNX Runtime (1e-4), fixed and dynamic."""
+    static_file = _export_onnx(tiny_model, tmp_path / "s.onnx", images, _metadata((64, 96), False), False)
+    dynamic_file = _export_onnx(tiny_model, tmp_path / "d.onnx", images, _metadata((64, 96), True), True)
+    other = torch.rand(2, 3, 32, 128, generator=torch.Generator().manual_seed(2))
+    for path, batch in ((static_file, images), (dynamic_file, images), (dynamic_file, other)):
+        dnn, ort = load_backend(path, "cpu", dnn=True), load_backend(path, "cpu")
+        assert dnn.format_name == "ONNX (OpenCV DNN)" and ort.format_name == "ONNX"
+        assert (dnn.names, dnn.stride, dnn.input_shape) == (ort.names, ort.stride, ort.input_shape)
+        torch.testing.assert_close(dnn(batch), ort(batch), atol=1e-4, rtol=1e-4)
+    assert load_backend(static_file, "cpu", dnn=True).input_shape == (1, 3, 64, 96)
+
+    with pytest.raises(ConfigError, match=r"--dnn runs \.onnx files with OpenCV's DNN module, not model\.torchscript"):
+        (tmp_path / "model.torchscript").write_bytes(b"")
+        load_backend(tmp_path / "model.torchscript", "cpu", dnn=True)
+    nms_file = tmp_path / "nms.onnx"
+    torch.onnx.export(
+        _FixedDetections(), images, str(nms_file), input_names=["images"], opset_version=17, dynamo=False,
+        output_names=["num_dets", "det_boxes", "det_scores", "det_classes"],
+    )  # fmt: skip
+    with pytest.raises((ConfigError, CheckpointError), match=r"nms\.onnx: .*(4 outputs|cannot load)") as error:
+        load_backend(nms_file, "cpu", dnn=True)
+    assert "\n" not in str(error.value)
+    flagged = _export_onnx(tiny_model, tmp_path / "h.onnx", images, _metadata((64, 96), False, half=True), False)
+    with pytest.raises(ConfigError, match=r"h\.onnx: exported with --half, which OpenCV's DNN module does not run"):
+        load_backend(flagged, "cpu", dnn=True)
+
+
 def test_tensorrt_engine_needs_tensorrt_and_cuda(tmp_path: Path) -> None:
     header = json.dumps({"names": NAMES, "stride": 32}).encode()
     data = len(header).to_bytes(4, "little") + header + b"ENGINE-BYTES"
