@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from detector.errors import CheckpointError, ConfigError
+from detector.models.release import is_release_name
 
 # The YAMLs ship inside the package (so a wheel installed anywhere finds them); a checkout's configs/ and data/ are
 # symlinks to these folders. A plain folder, not importlib.resources: pip always installs the package unzipped, and
@@ -766,7 +767,7 @@ def _check_teacher_options(config: TrainConfig) -> None:
         )
     if hyp.distill > 0 and not config.teacher:
         raise ConfigError(f"--distill {hyp.distill:g} distils a teacher model; pass --teacher WEIGHTS (or --distill 0)")
-    if config.teacher and not Path(config.teacher).is_file():
+    if config.teacher and not Path(config.teacher).is_file() and not is_release_name(config.teacher):
         raise ConfigError(f"--teacher {config.teacher}: weights file not found")
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from detector.errors import CheckpointError, ConfigError
+from detector.models.release import resolve_release_weights
 from detector.models.yolo import augmented_forward
 from detector.ops.nms import non_max_suppression
 from detector.utils.torch_utils import half_precision_dtype, select_device
@@ -147,6 +148,7 @@ def load_backend(
         if not paths:
             raise ConfigError("--weights is empty: give one weights file, or several for an ensemble")
         if len(paths) > 1:
+            paths = [resolve_release_weights(path) for path in paths]
             for path in paths:  # every file before any is loaded (a model can take seconds)
                 if not path.exists():
                     raise CheckpointError(f"{path}: weights not found")
@@ -158,7 +160,7 @@ def load_backend(
         weights = paths[0]
     from detector.export.base import FORMATS, format_for_path  # the package registers every format on import
 
-    path = Path(weights)
+    path = resolve_release_weights(weights)  # a bare 'yolov5s.pt' not on disk: fetched from YOLOv5's release
     is_checkpoint = path.suffix.lower() in PYTORCH_SUFFIXES
     weights_format = None if is_checkpoint else format_for_path(path)
     if not is_checkpoint and weights_format is None:

@@ -49,6 +49,7 @@ from detector.engine.coco_eval import (
 from detector.engine.tiling import TileOptions
 from detector.errors import CheckpointError, ConfigError
 from detector.models.loss import LossFunction
+from detector.models.release import resolve_release_weights
 from detector.ops.boxes import clip_boxes, xywhn2xyxy, xyxy2xywhn
 from detector.ops.metrics import DetectionStats, Metrics, Speed, box_iou_numpy, confusion_matrix
 from detector.ops.nms import non_max_suppression
@@ -633,7 +634,7 @@ def _setup(config: ValConfig) -> _Setup:
     from detector.data.dataset_config import COCO80_TO_COCO91, load_dataset_config
     from detector.engine.backends import load_backend
 
-    paths = resolve_weights(config.weights)
+    paths = [resolve_release_weights(path) for path in resolve_weights(config.weights)]
     for path in paths:
         if not path.exists():  # before the dataset, which may take a while to load (or generate)
             raise CheckpointError(f"{path}: weights not found")

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from detector.errors import CheckpointError, ConfigError
 from detector.models.blocks import Conv
+from detector.models.release import resolve_release_weights
 from detector.models.yolo import DetectionModel
 from detector.utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from detector.utils.torch_utils import unwrap_model
@@ -33,7 +34,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", fuse: bool 
     faster than NCHW for yolov5n/s here, scripts/benchmark.py --only 'model/*'; NCHW inputs still work).
     Raises CheckpointError (one line naming the file) for a missing, unreadable, inconsistent or refused file.
     """
-    path = Path(path)
+    path = resolve_release_weights(path)  # a bare 'yolov5s.pt' not on disk: YOLOv5's release file, fetched once
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     try:
