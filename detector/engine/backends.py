@@ -339,8 +339,9 @@ class EnsembleBackend(Backend):
         return self(images)
 
     def __call__(self, images: Tensor, augment: bool = False) -> Tensor:
-        """Each member's predictions for ``images`` (converted by each member to its device and dtype), joined."""
-        return torch.cat([member(images, augment=augment) for member in self.members], dim=1)
+        """Each member's predictions for ``images`` (converted by each member to its device and dtype), joined on
+        the first member's device (an ONNX member may run on the CPU beside a CUDA one)."""
+        return torch.cat([member(images, augment=augment).to(self.device) for member in self.members], dim=1)
 
     def warmup(self, imgsz: tuple[int, int] = (640, 640)) -> None:
         for member in self.members:

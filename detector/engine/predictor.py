@@ -82,9 +82,9 @@ class Predictor:
     Options are detect.py's: ``imgsz`` one or two numbers (height, width); ``conf_thres``/``iou_thres``/``max_det``
     for NMS; ``classes`` keeps only those ids; ``agnostic_nms`` suppresses across classes; ``augment`` is test-time
     augmentation; ``half`` FP16 on CUDA; ``data`` a dataset YAML for class names; ``dnn`` runs ONNX files with
-    OpenCV's DNN module. ``weights`` may also be an
-    already loaded :class:`Backend`, or a list of weights for an ensemble (:class:`EnsembleBackend`).
-    ``multi_label`` keeps a box for every class above ``conf_thres`` (val's rule).
+    OpenCV's DNN module. ``weights`` may also be an already loaded :class:`Backend`, or a list of weights for an
+    ensemble (:class:`EnsembleBackend`). ``multi_label`` keeps a box for every class above ``conf_thres`` (val's
+    rule).
 
     Tiling (:mod:`detector.engine.tiling`): with ``tiling`` (a :class:`TileOptions`, e.g.
     ``TileOptions.from_config(config)``; None = off) each image is predicted in overlapping tiles, each letterboxed
