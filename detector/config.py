@@ -316,6 +316,24 @@ class ExportConfig:
     exist_ok: bool = False
 
 
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Options of ``detector benchmarks`` (YOLOv5's benchmarks.py): each format exported, validated and timed."""
+
+    weights: str = ""  # the .pt to export (ours or YOLOv5's)
+    data: str = ""  # dataset YAML to validate on ("" = the built-in dataset)
+    imgsz: int = 640
+    batch_size: int = 1  # exports' batch and validation batches: 1 times latency, larger batches throughput
+    device: str = "cpu"
+    half: bool = False  # fp16 exports (the .pt is validated in fp32)
+    int8: bool = False  # int8 exports where the format has them (ONNX Runtime, OpenVINO), calibrated on --data
+    include: tuple[str, ...] = ("torchscript", "onnx", "openvino")
+    hard_fail: bool = False  # stop at the first format that fails (default: its row says why, the others go on)
+    project: str = "runs/benchmarks"
+    name: str = "exp"
+    exist_ok: bool = False
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Loading and merging
 

@@ -1,6 +1,7 @@
 """The ``detector`` console command: ``detector train|val|detect|export [flags]``, same flags as the scripts, and
 the data tools ``detector download DATASET.yaml`` and ``detector convert coco|voc ...``, and ``detector prune``
-(network slimming's channel pruning, :mod:`detector.prune`)."""
+(network slimming's channel pruning, :mod:`detector.prune`), and ``detector benchmarks`` (every export format
+validated and timed, :mod:`detector.export.benchmarks`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-TASKS = ("train", "val", "detect", "export", "download", "convert", "prune")
+TASKS = ("train", "val", "detect", "export", "benchmarks", "download", "convert", "prune")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

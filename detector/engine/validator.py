@@ -563,12 +563,13 @@ class _Setup:
     category_ids: Sequence[int] | None
 
 
-def run_validation(config: ValConfig) -> Metrics:
+def run_validation(config: ValConfig, plots: bool = True) -> Metrics:
     """``val.py``: validate ``config.weights`` on ``config.data`` and write everything into a new run folder.
 
     Tasks: train/val/test validate that split; ``speed`` times it at conf 0.25 / IoU 0.45 (no rect batches,
     no JSON); ``study`` sweeps image sizes (see :func:`run_study`). Returns the Metrics (of the largest size
-    for ``study``); with ``save_json`` mAP50 and mAP50-95 are pycocotools' (``Metrics.source``).
+    for ``study``); with ``save_json`` mAP50 and mAP50-95 are pycocotools' (``Metrics.source``). ``plots=False``
+    leaves out the curves, confusion matrix and batch images (``detector benchmarks``).
     """
     from detector.utils.files import increment_path
     from detector.utils.logging import add_file_log, remove_file_log
@@ -583,9 +584,10 @@ def run_validation(config: ValConfig) -> Metrics:
     save_dir = increment_path(Path(config.project) / config.name, exist_ok=config.exist_ok)
     log_handler = add_file_log(save_dir, "val.log")
     try:
+        LOGGER.info("Validating %r", setup.backend)
         if config.task == "study":
             return run_study(config, setup, save_dir)
-        metrics = _validate(config, setup, save_dir, plots=config.task != "speed")
+        metrics = _validate(config, setup, save_dir, plots=plots and config.task != "speed")
         LOGGER.info("Results saved to %s", save_dir)
         return metrics
     finally:
