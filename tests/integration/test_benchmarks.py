@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from detector.cli import main as detector_main
 from detector.cli.benchmarks import build_benchmark_config, main
 from detector.config import BenchmarkConfig
 from detector.data.dataset_config import load_dataset_config
@@ -67,7 +68,9 @@ def test_every_format_is_exported_validated_and_timed(
     assert markdown[0].startswith("| format | precision |") and len(markdown) == 2 + len(rows)
 
 
-def test_flags_and_errors(tmp_path: Path, yolov5n_weights: Path, subset: Path) -> None:
+def test_flags_and_errors(
+    tmp_path: Path, yolov5n_weights: Path, subset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = build_benchmark_config(["--weights", "a.pt", "--include", "onnx", "openvino", "--img", "320"])
     assert (config.weights, config.include, config.imgsz, config.batch_size) == ("a.pt", ("onnx", "openvino"), 320, 1)
     with pytest.raises(ConfigError, match="--include"):
@@ -79,3 +82,5 @@ def test_flags_and_errors(tmp_path: Path, yolov5n_weights: Path, subset: Path) -
                             hard_fail=True, project=str(tmp_path))
         )  # fmt: skip
     assert main(["--weights", str(tmp_path / "absent.pt")]) == 2
+    assert detector_main(["benchmarks", "--weights", str(tmp_path / "absent.pt")]) == 2  # `detector benchmarks`
+    assert "weights file not found" in capsys.readouterr().err
