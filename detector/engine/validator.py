@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from detector.config import ValConfig
+from detector.config import ValConfig, build_config
 from detector.engine.coco_eval import (
     crowd_regions,
     evaluate_coco,
@@ -561,6 +561,19 @@ class _Setup:
     backend: Any  # Backend
     names: tuple[str, ...]
     category_ids: Sequence[int] | None
+
+
+def val(weights: str | Path | Sequence[str | Path], **options: Any) -> Metrics:
+    """Python API of val.py: ``detector.val("best.pt", data="coco128.yaml", imgsz=640)`` -> :class:`Metrics`.
+
+    ``options`` are ValConfig fields (val.py's flags with underscores); several ``weights`` validate an ensemble.
+    Writes the same run folder as val.py (``project``/``name``).
+    """
+    from detector.utils.logging import setup_logging
+
+    setup_logging()  # the same console output as val.py (idempotent)
+    given = str(weights) if isinstance(weights, (str, Path)) else tuple(str(w) for w in weights)
+    return run_validation(build_config(ValConfig, ("detector.val()", {**options, "weights": given})))
 
 
 def run_validation(config: ValConfig, plots: bool = True) -> Metrics:

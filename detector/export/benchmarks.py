@@ -16,8 +16,9 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from detector.config import BenchmarkConfig, ExportConfig, ValConfig
+from detector.config import BenchmarkConfig, ExportConfig, ValConfig, build_config
 from detector.errors import ConfigError, DetectorError
 from detector.utils.files import file_size_mb, increment_path
 
@@ -38,6 +39,16 @@ class BenchmarkRow:
     inference_ms: float = 0.0  # per image, at the benchmark's batch size
     export_s: float = 0.0
     status: str = "ok"
+
+
+def benchmarks(weights: str | Path, **options: Any) -> list[BenchmarkRow]:
+    """Python API: ``detector.benchmarks("best.pt", data="my.yaml", imgsz=640)`` -> the table's rows; ``options`` are
+    BenchmarkConfig fields (the command's flags with underscores)."""
+    from detector.utils.logging import setup_logging
+
+    setup_logging()  # the same console output as the command (idempotent)
+    config = build_config(BenchmarkConfig, ("detector.benchmarks()", {**options, "weights": str(weights)}))
+    return run_benchmarks(config)[0]
 
 
 def run_benchmarks(config: BenchmarkConfig) -> tuple[list[BenchmarkRow], Path]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import detector
 from detector.cli import main as detector_main
 from detector.cli.benchmarks import build_benchmark_config, main
 from detector.config import BenchmarkConfig
@@ -81,6 +82,8 @@ def test_flags_and_errors(
             BenchmarkConfig(weights=str(yolov5n_weights), data=str(subset), imgsz=128, include=("engine",),
                             hard_fail=True, project=str(tmp_path))
         )  # fmt: skip
+    (pt,) = detector.benchmarks(yolov5n_weights, data=str(subset), imgsz=128, include=[], project=str(tmp_path))
+    assert pt.format == "PyTorch" and pt.status == "ok" and pt.map50 > 0  # the Python API: the .pt row alone
     assert main(["--weights", str(tmp_path / "absent.pt")]) == 2
     assert detector_main(["benchmarks", "--weights", str(tmp_path / "absent.pt")]) == 2  # `detector benchmarks`
     assert "weights file not found" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import torch
 import torchvision
 from tiny_models import strided_convs_yaml
 
+import detector
 from detector.cli.detect import build_detect_config
 from detector.cli.val import build_val_config
 from detector.data.dataset_config import load_dataset_config
@@ -179,3 +180,6 @@ def test_val_py_ensemble_of_yolov5n_with_itself_scores_as_yolov5n(
     pair = val(yolov5n_weights, yolov5n_weights, name="pair")
     assert pair == single and single[2] > 0.3  # P, R, mAP50, mAP50-95
     assert (tmp_path / "runs" / "pair" / "yolov5n_predictions.json").is_file()  # named after the first member
+    # the Python API gives val.py's figures, for an ensemble too
+    metrics = detector.val([yolov5n_weights] * 2, data=str(subset / "data.yaml"), imgsz=320, project=str(tmp_path))
+    assert (metrics.map50, metrics.map) == pytest.approx(pair[2:], abs=5e-4)
