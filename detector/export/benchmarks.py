@@ -16,11 +16,14 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from detector.config import BenchmarkConfig, ExportConfig, ValConfig, build_config
 from detector.errors import ConfigError, DetectorError
 from detector.utils.files import file_size_mb, increment_path
+
+if TYPE_CHECKING:
+    from detector.ops.metrics import Metrics
 
 LOGGER = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ def benchmarks(weights: str | Path, **options: Any) -> list[BenchmarkRow]:
 
 def run_benchmarks(config: BenchmarkConfig) -> tuple[list[BenchmarkRow], Path]:
     """The rows (the ``.pt`` first, then ``config.include`` in order) and the run folder they were written to."""
-    from detector.engine.validator import resolve_weights
+    from detector.engine.validator import resolve_weights, run_validation
     from detector.export.base import format_for_include
     from detector.models.release import resolve_release_weights
 
@@ -66,6 +69,10 @@ def run_benchmarks(config: BenchmarkConfig) -> tuple[list[BenchmarkRow], Path]:
         raise ConfigError(f"--weights {weights}: weights file not found")
     for name in config.include:
         format_for_include(name)  # an unknown format is an error before anything runs
+    if config.data:
+        from detector.data.dataset_config import load_dataset_config
+
+        load_dataset_config(config.data)  # a wrong --data too
     save_dir = increment_path(Path(config.project) / config.name, exist_ok=config.exist_ok)
     val = ValConfig(
         data=config.data,
@@ -75,7 +82,9 @@ def run_benchmarks(config: BenchmarkConfig) -> tuple[list[BenchmarkRow], Path]:
         project=str(save_dir / "val"),
         exist_ok=True,
     )
-    rows = [_validated(BenchmarkRow("PyTorch", "fp32", file_size_mb(weights)), weights, val, "pytorch")]
+    # the reference row: its failure (a wrong --data, a bad --imgsz) is the options' fault, so it stops the run
+    metrics = run_validation(dataclasses.replace(val, weights=str(weights), name="pytorch"), plots=False)
+    rows = [_row_with(BenchmarkRow("PyTorch", "fp32", file_size_mb(weights)), metrics)]
     for name in config.include:
         rows.append(_export_and_validate(name, weights, config, save_dir, val))
         if config.hard_fail and rows[-1].status != "ok":
@@ -122,6 +131,10 @@ def _validated(row: BenchmarkRow, weights: Path | None, val: ValConfig, label: s
         metrics = run_validation(dataclasses.replace(val, weights=str(weights), name=label), plots=False)
     except DetectorError as e:
         return dataclasses.replace(row, status=f"not validated: {e}")
+    return _row_with(row, metrics)
+
+
+def _row_with(row: BenchmarkRow, metrics: Metrics) -> BenchmarkRow:
     return dataclasses.replace(row, map50=metrics.map50, map50_95=metrics.map, inference_ms=metrics.speed.inference)
 
 

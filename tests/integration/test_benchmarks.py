@@ -18,7 +18,7 @@ from detector.cli import main as detector_main
 from detector.cli.benchmarks import build_benchmark_config, main
 from detector.config import BenchmarkConfig
 from detector.data.dataset_config import load_dataset_config
-from detector.errors import ConfigError
+from detector.errors import ConfigError, DetectorError
 from detector.export.benchmarks import run_benchmarks
 
 pytestmark = [
@@ -76,6 +76,10 @@ def test_flags_and_errors(
     assert (config.weights, config.include, config.imgsz, config.batch_size) == ("a.pt", ("onnx", "openvino"), 320, 1)
     with pytest.raises(ConfigError, match="--include"):
         run_benchmarks(BenchmarkConfig(weights=str(yolov5n_weights), include=("tflite",), project=str(tmp_path)))
+    with pytest.raises(DetectorError, match=r"absent\.yaml"):
+        run_benchmarks(
+            BenchmarkConfig(weights=str(yolov5n_weights), data=str(tmp_path / "absent.yaml"), project=str(tmp_path))
+        )
     assert not any(tmp_path.iterdir())  # nothing written before the options are checked
     with pytest.raises(ConfigError, match=r"TensorRT skipped .*\(--hard-fail\)"):
         run_benchmarks(
