@@ -56,3 +56,31 @@ def yolov5_blocks_yaml(**changes: Any) -> dict[str, Any]:
     config = copy.deepcopy(_YOLOV5_BLOCKS)
     config.update(changes)
     return config
+
+
+def export_onnx(model: Any, path: Any, example: Any, metadata: dict | None, dynamic: bool) -> Any:
+    """``model`` traced to ONNX at ``path`` (input "images", output "output0"; batch, height and width free with
+    ``dynamic``), with ``metadata`` as JSON-valued ``metadata_props`` (strings as they are); returns ``path``."""
+    import json
+
+    import onnx
+    import torch
+
+    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 1: "anchors"}}
+    torch.onnx.export(
+        model,
+        example,
+        str(path),
+        input_names=["images"],
+        output_names=["output0"],
+        opset_version=17,
+        dynamic_axes=axes if dynamic else None,
+        dynamo=False,
+    )
+    if metadata is not None:
+        proto = onnx.load(str(path))
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+        onnx.save(proto, str(path))
+    return path

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from detector.cli.common import given_flags, new_parser, run_cli
+from detector.cli.common import default_help, given_flags, new_parser, run_cli
 from detector.config import BenchmarkConfig, build_config
 
 DESCRIPTION = """Export a .pt to each deployment format, validate every file and time it on this machine: one table of
@@ -19,12 +19,7 @@ examples:
 """
 
 DEFAULTS = BenchmarkConfig()
-
-
-def _default(name: str) -> str:
-    value = getattr(DEFAULTS, name)
-    shown = " ".join(map(str, value)) if isinstance(value, tuple) else repr(value)
-    return f" (default: {shown})"
+_default = default_help(DEFAULTS)  # " (default: X)" for each flag\'s help
 
 
 def build_parser() -> argparse.ArgumentParser:

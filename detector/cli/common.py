@@ -23,6 +23,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows each flag's default and keeps the description's line breaks."""
 
 
+def default_help(defaults: object) -> Callable[[str], str]:
+    """``text(name)`` -> " (default: X)" for the field ``name`` of the config ``defaults``, for a flag's help
+    (tuples shown space-separated, as they are typed)."""
+
+    def text(name: str) -> str:
+        value = getattr(defaults, name)
+        shown = " ".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+        return f" (default: {shown})"
+
+    return text
+
+
 class OneOrMany(argparse.Action):
     """``nargs="+"`` that stores one value as itself and several as a tuple (``--weights a.pt`` or ``a.pt b.pt``)."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-from detector.cli.common import OneOrMany, given_flags, new_parser, run_cli
+from detector.cli.common import OneOrMany, default_help, given_flags, new_parser, run_cli
 from detector.config import DetectConfig, build_config
 from detector.engine.sources import open_source
 
@@ -22,12 +22,7 @@ examples:
 """
 
 DEFAULTS = DetectConfig()
-
-
-def _default(name: str) -> str:
-    value = getattr(DEFAULTS, name)
-    shown = " ".join(map(str, value)) if isinstance(value, tuple) else repr(value)
-    return f" (default: {shown})"
+_default = default_help(DEFAULTS)  # " (default: X)" for each flag\'s help
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from detector.cli.common import CACHE_DIR_HELP, OneOrMany, given_flags, new_parser, run_cli
+from detector.cli.common import CACHE_DIR_HELP, OneOrMany, default_help, given_flags, new_parser, run_cli
 from detector.cli.detect import add_tile_flags
 from detector.config import ValConfig, build_config
 
@@ -25,10 +25,7 @@ and val_batch*_pred.jpg, labels/*.txt (--save-txt), *_predictions.json (--save-j
 """
 
 DEFAULTS = ValConfig()
-
-
-def _default(name: str) -> str:
-    return f" (default: {getattr(DEFAULTS, name)!r})"
+_default = default_help(DEFAULTS)  # " (default: X)" for each flag\'s help
 
 
 def build_parser() -> argparse.ArgumentParser:

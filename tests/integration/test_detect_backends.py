@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 import yaml
-from tiny_models import strided_convs_yaml
+from tiny_models import export_onnx, strided_convs_yaml
 from torch import nn
 
 from detector.engine.backends import Backend, detections_from_output, load_backend
@@ -65,27 +64,6 @@ def images() -> torch.Tensor:
     return torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
 
 
-def _export_onnx(model: nn.Module, path: Path, example: torch.Tensor, metadata: dict | None, dynamic: bool) -> Path:
-    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 1: "anchors"}}
-    torch.onnx.export(
-        model,
-        example,
-        str(path),
-        input_names=["images"],
-        output_names=["output0"],
-        opset_version=17,
-        dynamic_axes=axes if dynamic else None,
-        dynamo=False,
-    )
-    if metadata is not None:
-        proto = onnx.load(str(path))
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-        onnx.save(proto, str(path))
-    return path
-
-
 def _reference(model: DetectionModel, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(images)
@@ -103,11 +81,11 @@ def test_torchscript_backend(tmp_path: Path, tiny_model: DetectionModel, images:
 
 
 def test_onnx_backend_static_and_dynamic(tmp_path: Path, tiny_model: DetectionModel, images: torch.Tensor) -> None:
-    static = load_backend(_export_onnx(tiny_model, tmp_path / "s.onnx", images, _metadata((64, 96), False), False))
+    static = load_backend(export_onnx(tiny_model, tmp_path / "s.onnx", images, _metadata((64, 96), False), False))
     assert static.input_shape == (1, 3, 64, 96) and static.names == NAMES and static.stride == 32
     torch.testing.assert_close(static(images), _reference(tiny_model, images), atol=1e-4, rtol=1e-4)
 
-    dynamic = load_backend(_export_onnx(tiny_model, tmp_path / "d.onnx", images, _metadata((64, 96), True), True))
+    dynamic = load_backend(export_onnx(tiny_model, tmp_path / "d.onnx", images, _metadata((64, 96), True), True))
     assert dynamic.dynamic and dynamic.input_shape == (None, 3, None, None)
     other = torch.rand(2, 3, 32, 128, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(dynamic(other), _reference(tiny_model, other), atol=1e-4, rtol=1e-4)
@@ -115,14 +93,14 @@ def test_onnx_backend_static_and_dynamic(tmp_path: Path, tiny_model: DetectionMo
 
 def test_onnx_reads_yolov5_style_metadata(tmp_path: Path, tiny_model: DetectionModel, images: torch.Tensor) -> None:
     yolov5_metadata = {"stride": "32", "names": "{0: 'cat', 1: 'dog', 2: 'bird'}"}  # Python literals, not JSON
-    backend = load_backend(_export_onnx(tiny_model, tmp_path / "v5.onnx", images, yolov5_metadata, False))
+    backend = load_backend(export_onnx(tiny_model, tmp_path / "v5.onnx", images, yolov5_metadata, False))
     assert backend.names == NAMES and backend.stride == 32
 
 
 def test_onnx_without_names_takes_them_from_data_yaml(
     tmp_path: Path, tiny_model: DetectionModel, images: torch.Tensor
 ) -> None:
-    path = _export_onnx(tiny_model, tmp_path / "bare.onnx", images, None, False)
+    path = export_onnx(tiny_model, tmp_path / "bare.onnx", images, None, False)
     assert load_backend(path).names == []
     data = tmp_path / "pets.yaml"
     data.write_text(yaml.safe_dump({"train": "images", "val": "images", "names": {0: "a", 1: "b", 2: "c"}}))
@@ -133,7 +111,7 @@ def test_onnx_without_names_takes_them_from_data_yaml(
 def test_openvino_backend(tmp_path: Path, tiny_model: DetectionModel, images: torch.Tensor) -> None:
     import openvino
 
-    onnx_path = _export_onnx(tiny_model, tmp_path / "tiny.onnx", images, None, True)
+    onnx_path = export_onnx(tiny_model, tmp_path / "tiny.onnx", images, None, True)
     folder = tmp_path / "tiny_openvino_model"
     folder.mkdir()
     openvino.save_model(openvino.convert_model(str(onnx_path)), str(folder / "tiny.xml"), compress_to_fp16=False)
@@ -192,8 +170,8 @@ def test_opencv_dnn_backend_runs_what_onnx_runtime_runs(
     tmp_path: Path, tiny_model: DetectionModel, images: torch.Tensor
 ) -> None:
     """--dnn: the same ONNX files through OpenCV's DNN module, against ONNX Runtime (1e-4), fixed and dynamic."""
-    static_file = _export_onnx(tiny_model, tmp_path / "s.onnx", images, _metadata((64, 96), False), False)
-    dynamic_file = _export_onnx(tiny_model, tmp_path / "d.onnx", images, _metadata((64, 96), True), True)
+    static_file = export_onnx(tiny_model, tmp_path / "s.onnx", images, _metadata((64, 96), False), False)
+    dynamic_file = export_onnx(tiny_model, tmp_path / "d.onnx", images, _metadata((64, 96), True), True)
     other = torch.rand(2, 3, 32, 128, generator=torch.Generator().manual_seed(2))
     for path, batch in ((static_file, images), (dynamic_file, images), (dynamic_file, other)):
         dnn, ort = load_backend(path, "cpu", dnn=True), load_backend(path, "cpu")
@@ -213,7 +191,7 @@ def test_opencv_dnn_backend_runs_what_onnx_runtime_runs(
     with pytest.raises((ConfigError, CheckpointError), match=r"nms\.onnx: .*(4 outputs|cannot load)") as error:
         load_backend(nms_file, "cpu", dnn=True)
     assert "\n" not in str(error.value)
-    flagged = _export_onnx(tiny_model, tmp_path / "h.onnx", images, _metadata((64, 96), False, half=True), False)
+    flagged = export_onnx(tiny_model, tmp_path / "h.onnx", images, _metadata((64, 96), False, half=True), False)
     with pytest.raises(ConfigError, match=r"h\.onnx: exported with --half, which OpenCV's DNN module does not run"):
         load_backend(flagged, "cpu", dnn=True)
 
@@ -274,7 +252,7 @@ def test_every_backend_runs_the_models_own_test_time_augmentation(tmp_path: Path
     """One TTA (detector.models.yolo.augmented_forward) for every format: an ONNX file's augmented output equals
     the PyTorch model's ``model(x, augment=True)``, level dropping included (the strides come from the metadata)."""
     square = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    backend = load_backend(_export_onnx(tiny_model, tmp_path / "d.onnx", square, _metadata((64, 64), True), True))
+    backend = load_backend(export_onnx(tiny_model, tmp_path / "d.onnx", square, _metadata((64, 64), True), True))
     assert backend.strides == (8, 16, 32)
     for images in (square, torch.rand(2, 3, 96, 64, generator=torch.Generator().manual_seed(4))):
         augmented = backend(images, augment=True)
@@ -288,8 +266,8 @@ def test_predictor_gives_the_same_results_for_every_format(
     tmp_path: Path, tiny_model: DetectionModel, images: torch.Tensor
 ) -> None:
     image = np.random.default_rng(4).integers(0, 256, (120, 180, 3), dtype=np.uint8)
-    onnx_path = _export_onnx(tiny_model, tmp_path / "p.onnx", images, _metadata((64, 96), True), True)
-    fixed_path = _export_onnx(tiny_model, tmp_path / "f.onnx", images, _metadata((64, 96), False), False)
+    onnx_path = export_onnx(tiny_model, tmp_path / "p.onnx", images, _metadata((64, 96), True), True)
+    fixed_path = export_onnx(tiny_model, tmp_path / "f.onnx", images, _metadata((64, 96), False), False)
     dynamic = Predictor(onnx_path, imgsz=96, conf_thres=0.3).predict_images([image])[0]
     fixed = Predictor(fixed_path, imgsz=320, conf_thres=0.3).predict_images([image])[0]  # warns, uses 64x96
     assert dynamic.input_shape == fixed.input_shape == (64, 96)  # 120x180 -> 64x96 exactly: no padding either way

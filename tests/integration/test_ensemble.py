@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from tiny_models import strided_convs_yaml
+from tiny_models import export_onnx, strided_convs_yaml
 
 import detector
 from detector.cli.detect import build_detect_config
@@ -57,28 +57,10 @@ def _checkpoint(model: DetectionModel, path: Path) -> Path:
 
 def _onnx(model: DetectionModel, path: Path, example: torch.Tensor, imgsz: tuple[int, int] | None) -> Path:
     """The model as ONNX with our metadata: fixed to ``imgsz``, or dynamic when it is None."""
-    import onnx
-
-    axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 1: "anchors"}}
-    torch.onnx.export(
-        model,
-        example,
-        str(path),
-        input_names=["images"],
-        output_names=["output0"],
-        opset_version=17,
-        dynamic_axes=axes if imgsz is None else None,
-        dynamo=False,
-    )
-    proto = onnx.load(str(path))
     metadata = {"names": model.names, "stride": 32, "strides": [8, 16, 32], "dynamic": imgsz is None}
     if imgsz is not None:
         metadata["imgsz"] = list(imgsz)
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(value)
-    onnx.save(proto, str(path))
-    return path
+    return export_onnx(model, path, example, metadata, dynamic=imgsz is None)
 
 
 def _torchvision_nms(predictions: torch.Tensor, conf_thres: float, iou_thres: float) -> torch.Tensor:
