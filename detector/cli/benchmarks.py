@@ -19,7 +19,7 @@ examples:
 """
 
 DEFAULTS = BenchmarkConfig()
-_default = default_help(DEFAULTS)  # " (default: X)" for each flag\'s help
+_default = default_help(DEFAULTS)  # " (default: X)" in each flag's help
 
 
 def build_parser() -> argparse.ArgumentParser:

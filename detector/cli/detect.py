@@ -22,7 +22,7 @@ examples:
 """
 
 DEFAULTS = DetectConfig()
-_default = default_help(DEFAULTS)  # " (default: X)" for each flag\'s help
+_default = default_help(DEFAULTS)  # " (default: X)" in each flag's help
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ and val_batch*_pred.jpg, labels/*.txt (--save-txt), *_predictions.json (--save-j
 """
 
 DEFAULTS = ValConfig()
-_default = default_help(DEFAULTS)  # " (default: X)" for each flag\'s help
+_default = default_help(DEFAULTS)  # " (default: X)" in each flag's help
 
 
 def build_parser() -> argparse.ArgumentParser:
