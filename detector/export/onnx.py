@@ -132,9 +132,10 @@ class OpenCVDnnBackend(Backend):
 
 
 def _metadata_without_runtime(path: Path) -> dict[str, Any]:
-    """``path``'s metadata through the ``onnx`` package, or {} with a warning when it is not installed."""
+    """``path``'s metadata (:meth:`OnnxFormat.read_metadata`, through the ``onnx`` package), or {} with a warning
+    when that package is not installed."""
     try:
-        import onnx
+        return OnnxFormat().read_metadata(path)
     except ImportError:
         LOGGER.warning(
             "WARNING: --dnn: the onnx package reads the class names and input size stored in %s "
@@ -142,8 +143,6 @@ def _metadata_without_runtime(path: Path) -> dict[str, Any]:
             path,
         )
         return {}
-    proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: decode_metadata_value(p.value) for p in proto.metadata_props}
 
 
 @register_format
