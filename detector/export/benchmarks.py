@@ -56,13 +56,13 @@ def benchmarks(weights: str | Path, **options: Any) -> list[BenchmarkRow]:
 
 def run_benchmarks(config: BenchmarkConfig) -> tuple[list[BenchmarkRow], Path]:
     """The rows (the ``.pt`` first, then ``config.include`` in order) and the run folder they were written to."""
-    from detector.engine.validator import resolve_weights, run_validation
+    from detector.engine.validator import run_validation
     from detector.export.base import format_for_include
     from detector.models.release import resolve_release_weights
 
     if not config.weights:
         raise ConfigError("--weights is required: the .pt to export and benchmark")
-    weights = resolve_release_weights(resolve_weights(config.weights)[0])
+    weights = resolve_release_weights(config.weights)
     if weights.suffix.lower() not in (".pt", ".pth"):
         raise ConfigError(f"--weights {weights}: benchmarks start from a .pt checkpoint, which every format is made of")
     if not weights.is_file():
