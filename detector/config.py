@@ -174,6 +174,8 @@ class TrainConfig:
     augment_on_device: bool = False  # HSV colour and flips on the training device (batch-wise), not in the workers
     time: float = 0.0  # wall-clock budget in minutes: > 0 fits the number of epochs to it (--epochs is then a cap)
     logger: tuple[str, ...] = ("tensorboard",)  # experiment trackers: tensorboard, mlflow, wandb (console, CSV: always)
+    ndjson_console: bool = False  # alias of logger "ndjson-console": each epoch's results as a JSON line on stdout
+    ndjson_file: bool = False  # alias of logger "ndjson": each epoch's results appended to results.ndjson
     train_tile: int = 0  # > 0: train on random tiles of this many px cut from full-resolution images; 0 = whole images
     unlabeled: str = ""  # images without labels (folder, glob or .txt list): pseudo-labelled into the training set
     pseudo_every: int = 5  # the run's EMA model relabels them every N epochs (from epoch N); 0 = the teacher's only
@@ -535,6 +537,8 @@ SAFE_RESUME_KEYS = (
     "cache_dir",
     "time",
     "logger",
+    "ndjson_console",
+    "ndjson_file",
     "channels_last",
     "compile",
     "grad_checkpoint",
@@ -583,7 +587,8 @@ def _given_keys(layers: list[tuple[str, Mapping[str, Any]]]) -> set[str]:
 
 def apply_aliases(config: TrainConfig) -> TrainConfig:
     """YOLOv5's flags that name a key living elsewhere here, moved to that key: ``cos_lr`` -> ``lr_schedule:
-    cosine``, ``label_smoothing`` -> ``hyp.label_smoothing`` (the top-level key wins when > 0, as a flag does).
+    cosine``, ``label_smoothing`` -> ``hyp.label_smoothing`` (the top-level key wins when > 0, as a flag does),
+    ``ndjson_console`` / ``ndjson_file`` -> ``logger`` entries ``ndjson-console`` / ``ndjson``.
     Idempotent; the Trainer applies it too, so a TrainConfig built by hand behaves as one from train.py."""
     if config.cos_lr and config.lr_schedule != "cosine":
         if config.lr_schedule != "linear":
@@ -594,6 +599,10 @@ def apply_aliases(config: TrainConfig) -> TrainConfig:
     if config.label_smoothing:
         hyp = dataclasses.replace(config.hyp, label_smoothing=config.label_smoothing)
         config = dataclasses.replace(config, label_smoothing=0.0, hyp=hyp)
+    if config.ndjson_console or config.ndjson_file:
+        ndjson = ("ndjson-console",) * config.ndjson_console + ("ndjson",) * config.ndjson_file
+        logger = tuple(dict.fromkeys((*config.logger, *ndjson)))
+        config = dataclasses.replace(config, logger=logger, ndjson_console=False, ndjson_file=False)
     return config
 
 

@@ -418,6 +418,20 @@ def build_parser() -> argparse.ArgumentParser:
         "'detector[tracking]'), or a tracker registered in detector.engine.trackers.LOGGERS; '' = none; the console, "
         "results.csv and plots are always on" + _default("logger"),
     )
+    add(
+        "--ndjson-console",
+        action="store_true",
+        dest="ndjson_console",
+        help="print each epoch's results (results.csv's columns) as one JSON line on stdout; alias of adding "
+        "'ndjson-console' to --logger (default: False)",
+    )
+    add(
+        "--ndjson-file",
+        action="store_true",
+        dest="ndjson_file",
+        help="append each epoch's results as one JSON line to results.ndjson in the run folder; alias of adding "
+        "'ndjson' to --logger (default: False)",
+    )
     _add_pseudo_label_flags(parser)
     _add_distillation_flags(parser)
     _add_lr_find_flags(parser)

@@ -10,8 +10,10 @@ YOLOv5's, in YOLOv5's order, so tools that read its results files read ours.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +23,7 @@ import torch
 
 from detector.engine.callbacks import METRIC_COLUMNS, Callback, StepRecord, loss_column, result_columns
 from detector.ops.boxes import xywhn2xyxy
-from detector.utils.files import atomic_write_csv
+from detector.utils.files import atomic_write, atomic_write_csv
 
 if TYPE_CHECKING:
     from detector.engine.trainer import Trainer
@@ -151,6 +153,47 @@ class CSVLogger(Callback):
 
     def _rewrite(self, path: Path) -> None:
         atomic_write_csv(path, self.columns, (_formatted(row) for row in self.rows))
+
+
+class NDJSONLogger(Callback):
+    """Each epoch's results.csv row as one JSON object on a line (NDJSON): on stdout (``--ndjson-console``) or
+    appended to ``save_dir/results.ndjson`` (``--ndjson-file``), as YOLOv5's flags of those names.
+
+    Keys are results.csv's column names (``epoch``, ``train/box_loss``, ..., ``metrics/mAP_0.5:0.95``, ...,
+    ``x/lr0``), values numbers, so ``jq`` or ``pandas.read_json(path, lines=True)`` read a run as it trains. The
+    file is flushed and fsynced each epoch; on resume the lines of epochs that are re-run are dropped first (the
+    file rewritten atomically), as results.csv does.
+    """
+
+    def __init__(self, console: bool = False, filename: str = "results.ndjson") -> None:
+        self.console = console
+        self.filename = filename
+
+    def path(self, trainer: Trainer) -> Path:
+        return Path(trainer.save_dir) / self.filename
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        path = self.path(trainer)
+        if self.console or not trainer.is_main or not path.exists():
+            return
+        kept = [
+            line
+            for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("epoch", 0) < trainer.state.start_epoch
+        ]
+        atomic_write(path, lambda f: f.write("".join(kept).encode()))
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        if not trainer.is_main:
+            return
+        line = json.dumps(trainer.epoch_record.as_row(), default=float)  # NumPy scalars too
+        if self.console:
+            print(line, file=sys.stdout, flush=True)
+            return
+        with open(self.path(trainer), "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _loss_names(columns: tuple[str, ...]) -> list[str]:

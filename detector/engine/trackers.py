@@ -247,8 +247,24 @@ def tensorboard_logger() -> Callback:
     return TensorBoardLogger()
 
 
+def ndjson_file_logger() -> Callback:
+    """:class:`detector.engine.loggers.NDJSONLogger` writing ``results.ndjson`` (``--ndjson-file``)."""
+    from detector.engine.loggers import NDJSONLogger
+
+    return NDJSONLogger()
+
+
+def ndjson_console_logger() -> Callback:
+    """:class:`detector.engine.loggers.NDJSONLogger` printing to stdout (``--ndjson-console``)."""
+    from detector.engine.loggers import NDJSONLogger
+
+    return NDJSONLogger(console=True)
+
+
 LOGGERS: dict[str, Callable[[], Callback]] = {  # --logger name -> tracker class (or factory); `requires`: its package
     "tensorboard": tensorboard_logger,
+    "ndjson": ndjson_file_logger,
+    "ndjson-console": ndjson_console_logger,
     "mlflow": MLflowLogger,
     "wandb": WandbLogger,
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -146,6 +147,8 @@ def test_train_py_writes_the_run_folder(tiny, tmp_path):
         "hyp.no-augmentation.yaml",
         "--save-period",
         "1",
+        "--ndjson-console",
+        "--ndjson-file",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -168,6 +171,12 @@ def test_train_py_writes_the_run_folder(tiny, tmp_path):
     assert yaml.safe_load((run / "opt.yaml").read_text())["save_dir"] == str(run)
     rows = read_results(run / "results.csv")
     assert [row["epoch"] for row in rows] == [0, 1] and all(row["train/box_loss"] > 0 for row in rows)
+    # --ndjson-file / --ndjson-console: the same rows as JSON, in the file and as lines of stdout
+    lines = (run / "results.ndjson").read_text().splitlines()
+    assert [line for line in result.stdout.splitlines() if line.startswith("{")] == lines
+    for line, row in zip(lines, rows, strict=True):
+        record = json.loads(line)
+        assert record.keys() == row.keys() and record == pytest.approx(row, rel=1e-5, abs=1e-9)
     last, best = load_checkpoint(run / "weights" / "last.pt"), load_checkpoint(run / "weights" / "best.pt")
     assert last["optimizer"] is None and last["model"] is not None and last["epoch"] == 1
     assert best["optimizer"] is None and best["ema"] is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -76,12 +77,15 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tiny):
     run(train_command(root, data, "straight"))
 
     last = root / "runs" / "killed" / "weights" / "last.pt"
-    kill_after_checkpoint(train_command(root, data, "killed"), last, epoch=0)  # during epoch 1
+    kill_after_checkpoint([*train_command(root, data, "killed"), "--ndjson-file"], last, epoch=0)  # during epoch 1
 
     resumed = run([sys.executable, "train.py", "--resume", str(last), "--workers", "0"])  # workers may change
     assert "Resuming" in resumed.stdout + resumed.stderr
     assert_same_weights(root / "runs" / "straight" / "weights" / "last.pt", last)
     assert [row["epoch"] for row in read_results(root / "runs" / "killed" / "results.csv")] == [0, 1, 2, 3]
+    # results.ndjson (--ndjson-file, kept by the resumed run's saved config) lost the killed epoch's line too
+    ndjson = root / "runs" / "killed" / "results.ndjson"
+    assert [json.loads(line)["epoch"] for line in ndjson.read_text().splitlines()] == [0, 1, 2, 3]
 
     # A finished run is extended with --epochs; another changed option is refused, naming the flag.
     refused = subprocess.run(
@@ -99,6 +103,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tiny):
     run([sys.executable, "train.py", "--resume", str(last), "--epochs", "5"])
     assert load_checkpoint(last)["epoch"] == 4
     assert len(read_results(root / "runs" / "killed" / "results.csv")) == 5
+    assert [json.loads(line)["epoch"] for line in ndjson.read_text().splitlines()] == [0, 1, 2, 3, 4]
 
 
 def test_sigkill_in_the_close_mosaic_phase_at_the_test_size_then_resume_equals_uninterrupted_run(tiny):

@@ -276,3 +276,13 @@ def test_label_smoothing_flag_and_old_top_level_key_are_aliases_of_the_hyp_key(t
     assert apply_aliases(flag) == flag  # idempotent
     with pytest.raises(ConfigError, match=r"--label-smoothing \(hyp label_smoothing\): expected a value in \[0, 1\)"):
         check_train_config(build_config(TrainConfig, ("x.yaml", {"hyp": {"label_smoothing": 1.0}})))
+
+
+def test_ndjson_flags_are_aliases_of_logger_entries() -> None:
+    """--ndjson-console / --ndjson-file (YOLOv5's flags) add the 'ndjson-console' / 'ndjson' trackers to --logger,
+    once, after the ones given."""
+    both = resolve_train_config({"data": "my.yaml", "ndjson_console": True, "ndjson_file": True})
+    assert both.logger == ("tensorboard", "ndjson-console", "ndjson")
+    assert (both.ndjson_console, both.ndjson_file) == (False, False) and apply_aliases(both) == both
+    given = resolve_train_config({"data": "my.yaml", "logger": "ndjson", "ndjson_file": True})
+    assert given.logger == ("ndjson",)

@@ -168,6 +168,8 @@ def test_resume_takes_the_saved_config_and_allows_safe_flags(tmp_path):
         "cache_dir",
         "time",
         "logger",
+        "ndjson_console",
+        "ndjson_file",
         "channels_last",
         "compile",
         "grad_checkpoint",
