@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from detector.config import Hyperparameters
+from detector.data.media import ImageRegion
 
 LOGGER = logging.getLogger(__name__)
 
@@ -87,9 +88,13 @@ class PictureSource(SampleSource, Protocol):
         """``load_sample(index)``'s image size, boxes and classes, without reading the image."""
         ...
 
-    def load_unresized(self, index: int, min_side: int) -> np.ndarray:
+    def load_unresized(
+        self, index: int, min_side: int, region: tuple[float, float, float, float] | None = None
+    ) -> ImageRegion:
         """Image ``index`` before its resize, with the aspect ratio of ``load_layout(index).shape``: at any
-        resolution whose long side is at least ``min_side`` px (or ``load_sample``'s own, the lower of the two)."""
+        resolution whose long side is at least ``min_side`` px (or ``load_sample``'s own, the lower of the two).
+        With ``region`` ((x0, y0, x1, y1), fractions of the width and height) only the pixels that cover it and
+        one more on each side are needed; more may come (:class:`~detector.data.media.ImageRegion` says where)."""
         ...
 
 
@@ -484,8 +489,10 @@ class MosaicWarp:
         self.perspective = perspective
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
-        layout = PictureLayout(sample.image.shape[:2], sample.boxes_xyxy, sample.classes)
-        return self._apply(_Picture(layout, lambda min_side: sample.image), lambda: sample, rng)
+        height, width = sample.image.shape[:2]
+        whole = ImageRegion(sample.image, (0, 0), (width, height))
+        layout = PictureLayout((height, width), sample.boxes_xyxy, sample.classes)
+        return self._apply(_Picture(layout, lambda min_side, region=None: whole), lambda: sample, rng)
 
     def apply_to_index(self, source: SampleSource, index: int, rng: np.random.Generator) -> Sample:
         """``self(source.load_sample(index), rng)``, reading image ``index`` only if it is shown."""
@@ -529,7 +536,7 @@ class _Picture(NamedTuple):
     """A mosaic picture before its pixels are read: its size and boxes as the source serves it, and its reader."""
 
     layout: PictureLayout
-    read: Callable[[int], np.ndarray]  # read(min_side): its pixels at any resolution (PictureSource.load_unresized)
+    read: Callable[..., ImageRegion]  # read(min_side, region): its pixels (PictureSource.load_unresized)
 
 
 def _lazy_picture(source: PictureSource, index: int) -> _Picture:
@@ -591,17 +598,27 @@ def _warp_picture(image: np.ndarray, picture: _Picture, corner: tuple[int, int],
     top, bottom = (min(max(math.ceil(gain_y * y + shift_y - 0.5), 0), image.shape[0]) for y in y_range)
     if right <= left or bottom <= top:
         return True
-    # Read at the resolution the output shows it at, at most.
-    pixels = picture.read(math.ceil(max(height * gain_y, width * gain_x)))
-    pixels_h, pixels_w = pixels.shape[:2]
+    # Read at the resolution the output shows it at, at most, and only the part it shows: the picture's
+    # fractions under the first and last output pixels' centres (interpolation reads a pixel beyond; the source
+    # adds it).
+    shown = (
+        ((left + 0.5 - shift_x) / gain_x - corner[0]) / width,
+        ((top + 0.5 - shift_y) / gain_y - corner[1]) / height,
+        ((right - 0.5 - shift_x) / gain_x - corner[0]) / width,
+        ((bottom - 0.5 - shift_y) / gain_y - corner[1]) / height,
+    )
+    pixels, (crop_x, crop_y), (pixels_w, pixels_h) = picture.read(
+        math.ceil(max(height * gain_y, width * gain_x)), shown
+    )
     # Same aspect ratio up to the rounding of both sizes (each side may be off by a pixel or so).
     if abs(pixels_w * height - pixels_h * width) > pixels_w + pixels_h + width + height:
         return False
     # Picture pixels -> output pixels (pixel-edge coordinates): x_out = gain * (x_pixels * width / pixels_w + x0)
-    # + shift; in OpenCV's pixel-centre coordinates each offset gains scale / 2 - 1 / 2.
+    # + shift, x_pixels counted from the crop's corner; in OpenCV's pixel-centre coordinates each offset gains
+    # scale / 2 - 1 / 2.
     scale_x, scale_y = gain_x * width / pixels_w, gain_y * height / pixels_h
-    offset_x = gain_x * corner[0] + shift_x - left + 0.5 * scale_x - 0.5
-    offset_y = gain_y * corner[1] + shift_y - top + 0.5 * scale_y - 0.5
+    offset_x = gain_x * corner[0] + shift_x - left + scale_x * crop_x + 0.5 * scale_x - 0.5
+    offset_y = gain_y * corner[1] + shift_y - top + scale_y * crop_y + 0.5 * scale_y - 0.5
     to_output = np.array([[scale_x, 0.0, offset_x], [0.0, scale_y, offset_y]])
     region = image[top:bottom, left:right]
     cv2.warpAffine(

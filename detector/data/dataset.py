@@ -36,7 +36,7 @@ from detector.data.augment import (
     build_train_transforms,
     letterbox_sample,
 )
-from detector.data.media import IMAGE_SUFFIXES, read_image, read_size
+from detector.data.media import IMAGE_SUFFIXES, ImageRegion, read_image, read_image_region, read_size
 from detector.data.scan import check_image, folder_is_writable, label_cache_path, scan_dataset
 from detector.data.tiles import TileSource
 from detector.errors import DataError
@@ -234,14 +234,19 @@ class ImageStore:
             shape = (height, width) if self.full_resolution else long_side_shape((height, width), self.imgsz)
         return PictureLayout(shape, *self._boxes(index, shape))
 
-    def load_unresized(self, index: int, min_side: int) -> np.ndarray:
+    def load_unresized(
+        self, index: int, min_side: int, region: tuple[float, float, float, float] | None = None
+    ) -> ImageRegion:
         """Image ``index`` before :meth:`load_image` resizes it (the RAM cache's image when there is one): a JPEG
         decoded at 1/2, 1/4 or 1/8 of its size (DCT scaling) where its long side stays at least
-        ``min(min_side, imgsz)``. For :class:`~detector.data.augment.MosaicWarp`, which resamples it once, straight
-        into the output."""
-        if self.ram:
-            return self.ram[index]
-        return self._decode(index, min(min_side, self.imgsz))
+        ``min(min_side, imgsz)``, and only the part that covers ``region`` where libjpeg-turbo can
+        (:func:`~detector.data.media.read_image_region`). For :class:`~detector.data.augment.MosaicWarp`, which
+        resamples it once, straight into the output."""
+        if self.ram or self.cache == "disk":
+            image = self.ram[index] if self.ram else self._decode(index, min(min_side, self.imgsz))
+            return ImageRegion(image, (0, 0), (image.shape[1], image.shape[0]))
+        reduce = self._reduction(index, min(min_side, self.imgsz))
+        return read_image_region(self.im_files[index], reduce=reduce, region=region)
 
     def _boxes(self, index: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         labels = self.labels[index]
@@ -367,8 +372,10 @@ class SubsetPictureSource(SubsetSource):
     def load_layout(self, index: int) -> PictureLayout:
         return self.source.load_layout(self._index(index))
 
-    def load_unresized(self, index: int, min_side: int) -> np.ndarray:
-        return self.source.load_unresized(self._index(index), min_side)
+    def load_unresized(
+        self, index: int, min_side: int, region: tuple[float, float, float, float] | None = None
+    ) -> ImageRegion:
+        return self.source.load_unresized(self._index(index), min_side, region)
 
 
 # --------------------------------------------------------------------------------------------------------------------

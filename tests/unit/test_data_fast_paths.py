@@ -24,7 +24,7 @@ from detector.data.augment import (
     build_train_transforms,
 )
 from detector.data.dataset import YOLODataset, long_side_shape
-from detector.data.media import read_image, read_size
+from detector.data.media import ImageRegion, read_image, read_size
 
 SIZE = 64  # training size of the fake sources: pictures have a long side of 64
 
@@ -74,9 +74,10 @@ class FakePictureSource:
         sample = self.samples[index]
         return PictureLayout(sample.image.shape[:2], sample.boxes_xyxy, sample.classes)
 
-    def load_unresized(self, index: int, min_side: int) -> np.ndarray:
+    def load_unresized(self, index: int, min_side: int, region=None) -> ImageRegion:
         self.read.append(index)
-        return self.originals[index]
+        original = self.originals[index]
+        return ImageRegion(original, (0, 0), (original.shape[1], original.shape[0]))
 
 
 def two_step(fused: MosaicWarp) -> Compose:
@@ -251,10 +252,10 @@ def test_store_layout_is_load_sample_without_decoding(photos: Path, cache: str) 
         np.testing.assert_array_equal(layout.boxes_xyxy, sample.boxes_xyxy)
         np.testing.assert_array_equal(layout.classes, sample.classes)
         # Unresized pixels have the layout's aspect ratio, and a small min_side reads a JPEG at a reduced size.
-        pixels = store.load_unresized(index, 64)
+        pixels = store.load_unresized(index, 64).pixels
         height, width = layout.shape
         assert abs(pixels.shape[1] * height - pixels.shape[0] * width) <= sum(pixels.shape[:2]) + height + width
-        small = store.load_unresized(index, 20)
+        small = store.load_unresized(index, 20).pixels
         if not cache and store.im_files[index].endswith("c.jpg"):
             assert max(small.shape[:2]) < max(pixels.shape[:2]) and max(small.shape[:2]) >= 20
 
