@@ -496,7 +496,7 @@ class MosaicWarp:
 
     def apply_to_index(self, source: SampleSource, index: int, rng: np.random.Generator) -> Sample:
         """``self(source.load_sample(index), rng)``, reading image ``index`` only if it is shown."""
-        if not _reads_pictures(type(source)):
+        if not reads_pictures(type(source)):
             return self(source.load_sample(index), rng)
         return self._apply(_lazy_picture(source, index), functools.partial(source.load_sample, index), rng)
 
@@ -544,7 +544,7 @@ def _lazy_picture(source: PictureSource, index: int) -> _Picture:
 
 
 @functools.cache
-def _reads_pictures(source_type: type) -> bool:
+def reads_pictures(source_type: type) -> bool:
     """Whether a source of this type is a :class:`PictureSource` (cached: a Protocol's isinstance is slow)."""
     return all(callable(getattr(source_type, name, None)) for name in ("load_layout", "load_unresized"))
 

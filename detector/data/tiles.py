@@ -29,7 +29,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from detector.data.augment import Sample, SampleSource
+from detector.data.augment import Sample, SampleSource, reads_pictures
 
 # Chance that a tile is placed around an object rather than anywhere: mostly objects, yet one tile in five still
 # shows the background alone, as test-time tiling does everywhere (false positives on clutter are learnt too).
@@ -88,7 +88,14 @@ def crop_tile(sample: Sample, window: TileWindow, *, min_visibility: float) -> t
     """
     x0, y0, tile_w, tile_h = window
     image = np.ascontiguousarray(sample.image[y0 : y0 + tile_h, x0 : x0 + tile_w])
-    boxes = sample.boxes_xyxy.astype(np.float64) - np.array([x0, y0, x0, y0], np.float64)
+    boxes, kept = _window_boxes(sample.boxes_xyxy, window, min_visibility)
+    return Sample(image, boxes, sample.classes[kept]), kept
+
+
+def _window_boxes(boxes_xyxy: np.ndarray, window: TileWindow, min_visibility: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`crop_tile`'s boxes: clipped to ``window``, in its coordinates (float32), and the indices kept."""
+    x0, y0, tile_w, tile_h = window
+    boxes = boxes_xyxy.astype(np.float64) - np.array([x0, y0, x0, y0], np.float64)
     clipped = boxes.copy()
     np.clip(clipped[:, 0::2], 0, tile_w, out=clipped[:, 0::2])
     np.clip(clipped[:, 1::2], 0, tile_h, out=clipped[:, 1::2])
@@ -96,7 +103,7 @@ def crop_tile(sample: Sample, window: TileWindow, *, min_visibility: float) -> t
     inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
     fraction = np.divide(inside, area, out=np.zeros_like(inside), where=area > 0)
     kept = np.flatnonzero((inside > 0) & (fraction >= min_visibility))
-    return Sample(image, clipped[kept].astype(np.float32), sample.classes[kept]), kept
+    return clipped[kept].astype(np.float32), kept
 
 
 def resize_tile(tile: Sample, ratio: float) -> Sample:
@@ -159,12 +166,31 @@ class TileSource:
         """A random tile of image ``index`` (see the class), boxes in pixels of the returned image."""
         if self._rng is None:
             raise RuntimeError("TileSource.load_sample outside drawing_from(rng): tiles are placed by the item's rng")
-        whole = self.source.load_sample(index)
-        shape = whole.image.shape[:2]
-        window = place_tile(shape, self.size, whole.boxes_xyxy, self._rng, object_probability=self.object_probability)
-        tile, kept = crop_tile(whole, window, min_visibility=self.min_visibility)
+        if not reads_pictures(type(self.source)):
+            whole = self.source.load_sample(index)
+            shape = whole.image.shape[:2]
+            window = self._place(shape, whole.boxes_xyxy)
+            tile, kept = crop_tile(whole, window, min_visibility=self.min_visibility)
+        else:  # the image's size and boxes come before its pixels: only the tile's part of a JPEG is decoded
+            layout = self.source.load_layout(index)
+            shape = layout.shape
+            window = self._place(shape, layout.boxes_xyxy)
+            x0, y0, tile_w, tile_h = window
+            height, width = shape
+            fractions = (x0 / width, y0 / height, (x0 + tile_w) / width, (y0 + tile_h) / height)
+            read = self.source.load_unresized(index, max(shape), fractions)
+            if read.size != (width, height):  # the scanned size was wrong: cut the tile from what was decoded
+                tile, kept = crop_tile(self.source.load_sample(index), window, min_visibility=self.min_visibility)
+            else:
+                x, y = x0 - read.origin[0], y0 - read.origin[1]
+                image = np.ascontiguousarray(read.pixels[y : y + tile_h, x : x + tile_w])
+                boxes, kept = _window_boxes(layout.boxes_xyxy, window, self.min_visibility)
+                tile = Sample(image, boxes, layout.classes[kept])
         self._last = (index, window, kept, shape)
         return resize_tile(tile, self.ratio)
+
+    def _place(self, shape: tuple[int, int], boxes_xyxy: np.ndarray) -> TileWindow:
+        return place_tile(shape, self.size, boxes_xyxy, self._rng, object_probability=self.object_probability)
 
     def load_polygons(self, index: int) -> list[np.ndarray | None]:
         """The outlines of the boxes of the tile just loaded from image ``index``, normalised to that tile.

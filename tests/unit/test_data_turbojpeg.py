@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from detector.config import load_hyp
@@ -161,3 +162,25 @@ def test_the_library_can_be_named_or_turned_off(monkeypatch, caplog) -> None:
     finally:
         monkeypatch.delenv(turbojpeg.ENV_LIBRARY)
         turbojpeg.decoder.cache_clear()
+
+
+@pytest.mark.skipif(not COCO128.is_dir(), reason="needs ../shared/datasets/coco128")
+def test_training_tiles_are_the_same_with_and_without_it(monkeypatch) -> None:
+    """--train-tile decodes only each tile's part of the full-resolution photo: the same items as a whole decode."""
+    dataset = YOLODataset(
+        COCO128 / "images" / "train2017", imgsz=192, augment=True, hyp=load_hyp("hyp.scratch-low.yaml"), train_tile=192
+    )
+    regions: list[tuple[float, ...]] = []
+    decode = turbojpeg.TurboJPEG.decode
+
+    def counting(self, data, *, reduce=1, region=None):
+        regions.append(region)
+        return decode(self, data, reduce=reduce, region=region)
+
+    monkeypatch.setattr(turbojpeg.TurboJPEG, "decode", counting)
+    with_it = [dataset[(index, index)] for index in range(24)]
+    monkeypatch.setattr(turbojpeg, "decoder", lambda: None)
+    without = [dataset[(index, index)] for index in range(24)]
+    assert len(regions) >= 24 and all((x1 - x0) * (y1 - y0) < 0.5 for x0, y0, x1, y1 in regions)  # tiles, not images
+    for (image_a, labels_a, *_), (image_b, labels_b, *_) in zip(with_it, without, strict=True):
+        assert torch.equal(labels_a, labels_b) and torch.equal(image_a, image_b)
