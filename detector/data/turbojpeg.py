@@ -152,6 +152,9 @@ def _exif_orientation(data: np.ndarray) -> int:
     position = 2  # after SOI
     while position + 4 <= len(raw) and raw[position] == 0xFF:
         marker = raw[position + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            position += 1
+            continue
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
             position += 2
             continue

@@ -117,6 +117,8 @@ def test_exif_orientation_is_read_without_decoding(orientation: int) -> None:
     exif[0x010F] = "maker"  # another tag before it in the IFD
     data = jpeg_bytes(np.zeros((16, 16, 3), np.uint8), exif=exif.tobytes())
     assert turbojpeg._exif_orientation(data) == orientation
+    filled = np.concatenate([data[:2], np.full(3, 0xFF, np.uint8), data[2:]])  # fill bytes before the first marker
+    assert turbojpeg._exif_orientation(filled) == orientation
     assert turbojpeg._exif_orientation(jpeg_bytes(np.zeros((16, 16, 3), np.uint8))) == 0  # no EXIF at all
 
 
