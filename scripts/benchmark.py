@@ -54,6 +54,7 @@ import re
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -327,6 +328,15 @@ class CompareSetup:
         if side == "ours":
             return [self.ours_python, str(REPO_ROOT / f"{script}.py"), *flags]
         return self.side_command(side, "script", script, "--", *flags)
+
+
+def _jpeg_decoder(python: str) -> str:
+    """How our side's training loader decodes JPEGs (the ``fast-jpeg`` extra decodes only what a mosaic shows)."""
+    probe = "from detector.data import turbojpeg; d = turbojpeg.decoder(); print(d.path if d else '')"
+    found = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60).stdout.strip()
+    if found:
+        return f"JPEG regions decoded by {found}"
+    return "whole JPEGs decoded by OpenCV (no libturbojpeg 3, or $DETECTOR_TURBOJPEG=off; see the fast-jpeg extra)"
 
 
 def comparison_rows(setup: CompareSetup) -> list[ComparisonRow]:
@@ -702,7 +712,7 @@ def compare_main(args: argparse.Namespace) -> int:
     print(comparison_table(compared))
     print(
         f"\n{_cpu_name()}, {os.cpu_count()} CPUs; load average {load_before} before, {_load_average()} after; "
-        f"{minutes:.1f} min in all. YOLOv5: {setup.yolov5.root} ({kind})."
+        f"{minutes:.1f} min in all. YOLOv5: {setup.yolov5.root} ({kind}). Ours: {_jpeg_decoder(setup.ours_python)}."
     )
     if args.json:
         payload = {
