@@ -123,7 +123,9 @@ class TileSource:
 
     ``source`` serves whole images at their original resolution (an
     :class:`~detector.data.dataset.ImageStore` with ``full_resolution=True``). ``load_sample(i)`` places a tile
-    with :func:`place_tile`, cuts it with :func:`crop_tile` and scales it by ``imgsz / size``. Tiles are placed
+    with :func:`place_tile`, cuts it with :func:`crop_tile` and scales it by ``imgsz / size``; from a
+    :class:`~detector.data.augment.PictureSource` it places the tile on the image's layout first and reads only the
+    tile's pixels (only that part of a JPEG is decoded, with the ``fast-jpeg`` extra). Tiles are placed
     with the generator bound by :meth:`drawing_from`, the item's own, so the dataset's item, the mosaic's three
     other tiles and any copy-paste or mixup donor all follow from the item's seed. Loading outside
     :meth:`drawing_from` raises: a tile drawn from any other randomness would break reproducibility.
