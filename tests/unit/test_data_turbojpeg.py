@@ -130,7 +130,14 @@ def test_training_items_are_the_same_with_and_without_it(monkeypatch, imgsz: int
     dataset = YOLODataset(
         COCO128 / "images" / "train2017", imgsz=imgsz, augment=True, hyp=load_hyp("hyp.scratch-low.yaml")
     )
-    library = turbojpeg.decoder()
+    regions, pairs = items_with_and_without(monkeypatch, dataset, range(40))
+    assert len(regions) > 100 and all(region is not None for region in regions)
+    for (image_a, labels_a, *_), (image_b, labels_b, *_) in pairs:
+        assert torch.equal(labels_a, labels_b) and torch.equal(image_a, image_b)
+
+
+def items_with_and_without(monkeypatch, dataset: YOLODataset, keys) -> tuple[list, list]:
+    """The regions the decoder was asked for, and (item with it, item without it) for each key."""
     regions: list[tuple[float, ...]] = []
     decode = turbojpeg.TurboJPEG.decode
 
@@ -139,13 +146,10 @@ def test_training_items_are_the_same_with_and_without_it(monkeypatch, imgsz: int
         return decode(self, data, reduce=reduce, region=region)
 
     monkeypatch.setattr(turbojpeg.TurboJPEG, "decode", counting)
-    with_it = [dataset[index] for index in range(40)]
+    with_it = [dataset[key] for key in keys]
     monkeypatch.setattr(turbojpeg, "decoder", lambda: None)
-    without = [dataset[index] for index in range(40)]
-    assert library is not None and len(regions) > 100 and all(region is not None for region in regions)
-    for (image_a, labels_a, *_), (image_b, labels_b, *_) in zip(with_it, without, strict=True):
-        assert np.array_equal(labels_a.numpy(), labels_b.numpy())
-        assert np.array_equal(image_a.numpy(), image_b.numpy())
+    without = [dataset[key] for key in keys]
+    return regions, list(zip(with_it, without, strict=True))
 
 
 def test_the_library_can_be_named_or_turned_off(monkeypatch, caplog) -> None:
@@ -172,17 +176,7 @@ def test_training_tiles_are_the_same_with_and_without_it(monkeypatch) -> None:
     dataset = YOLODataset(
         COCO128 / "images" / "train2017", imgsz=192, augment=True, hyp=load_hyp("hyp.scratch-low.yaml"), train_tile=192
     )
-    regions: list[tuple[float, ...]] = []
-    decode = turbojpeg.TurboJPEG.decode
-
-    def counting(self, data, *, reduce=1, region=None):
-        regions.append(region)
-        return decode(self, data, reduce=reduce, region=region)
-
-    monkeypatch.setattr(turbojpeg.TurboJPEG, "decode", counting)
-    with_it = [dataset[(index, index)] for index in range(24)]
-    monkeypatch.setattr(turbojpeg, "decoder", lambda: None)
-    without = [dataset[(index, index)] for index in range(24)]
+    regions, pairs = items_with_and_without(monkeypatch, dataset, [(index, index) for index in range(24)])
     assert len(regions) >= 24 and all((x1 - x0) * (y1 - y0) < 0.5 for x0, y0, x1, y1 in regions)  # tiles, not images
-    for (image_a, labels_a, *_), (image_b, labels_b, *_) in zip(with_it, without, strict=True):
+    for (image_a, labels_a, *_), (image_b, labels_b, *_) in pairs:
         assert torch.equal(labels_a, labels_b) and torch.equal(image_a, image_b)
