@@ -60,10 +60,7 @@ def read_image(path: str | os.PathLike, *, reduce: int = 1) -> np.ndarray:
     Raises:
         DataError: one line naming the file: not found, unreadable, empty, or not a decodable image.
     """
-    if reduce not in _READ_FLAGS:
-        raise ValueError(f"reduce must be one of {sorted(_READ_FLAGS)}, got {reduce!r}")
-    name = os.fspath(path)
-    return _decode(name, _read_bytes(name), reduce)
+    return read_image_region(path, reduce=reduce).pixels
 
 
 class ImageRegion(NamedTuple):
