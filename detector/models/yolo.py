@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from detector.config import MODEL_CONFIG_DIR, load_yaml, resolve_config_path
 from detector.errors import ConfigError
 from detector.models.acnet import convert_to_acnet
-from detector.models.blocks import Conv
+from detector.models.blocks import Conv, Hardswish, Mish, SiLU
 from detector.models.head import Detect
 from detector.models.norms import NormSpec, parse_norm
 from detector.models.registry import get_layer, layer_rule
@@ -54,12 +54,12 @@ TTA_FLIPS = (None, "lr", None)  # ... and the flip applied at each scale
 TTA_PAD_VALUE = 0.447  # grey (ImageNet mean) fill for the padding of scaled TTA images, as YOLOv5
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "SiLU": nn.SiLU,
+    "SiLU": SiLU,  # these three: in place in inference only (their gradients need the input)
     "ReLU": nn.ReLU,
     "ReLU6": nn.ReLU6,
     "LeakyReLU": nn.LeakyReLU,
-    "Hardswish": nn.Hardswish,
-    "Mish": nn.Mish,
+    "Hardswish": Hardswish,
+    "Mish": Mish,
     "GELU": nn.GELU,
     "Sigmoid": nn.Sigmoid,
     "Identity": nn.Identity,

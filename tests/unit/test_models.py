@@ -15,7 +15,7 @@ from torch import nn
 
 from detector.config import MODEL_CONFIG_DIR
 from detector.errors import ConfigError
-from detector.models import registry
+from detector.models import blocks, registry
 from detector.models.blocks import Conv
 from detector.models.head import Detect
 from detector.models.yolo import DetectionModel, make_divisible, parse_model, read_model_yaml
@@ -147,6 +147,40 @@ def test_yaml_activation_key_is_used_by_every_conv() -> None:
     model = DetectionModel(tiny_yaml(activation="nn.LeakyReLU(0.1)"))
     acts = [m.act for m in model.modules() if isinstance(m, Conv)]
     assert acts and all(isinstance(a, nn.LeakyReLU) and a.negative_slope == 0.1 for a in acts)
+
+
+@pytest.mark.parametrize(
+    ("ours", "torchs"), [(blocks.SiLU, nn.SiLU), (blocks.Hardswish, nn.Hardswish), (blocks.Mish, nn.Mish)]
+)
+def test_in_place_activations_overwrite_only_without_autograd(ours, torchs) -> None:
+    """In place under autograd, torch clones the input for the gradient; ours then computes a new tensor instead,
+    with torch's values and gradients, and works in place only in inference."""
+    x = torch.randn(2, 4, 5, 5) * 4
+    with torch.no_grad():
+        given = x.clone()
+        out = ours(inplace=True)(given)
+        assert out.data_ptr() == given.data_ptr()  # overwritten: no new map in inference
+        torch.testing.assert_close(out, torchs()(x), rtol=0, atol=0)
+
+    ours_in, torch_in = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = ours(inplace=True)(ours_in * 1.0)  # a non-leaf input, as a Conv's BatchNorm output
+    expected = torchs()(torch_in * 1.0)
+    assert out.data_ptr() != ours_in.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.sum().backward(), expected.sum().backward()
+    torch.testing.assert_close(ours_in.grad, torch_in.grad, rtol=0, atol=0)
+    leaf = x.clone().requires_grad_(True)
+    with torch.profiler.profile() as profile:
+        ours(inplace=True)(leaf * 1.0).sum().backward()
+    assert "aten::clone" not in {e.key for e in profile.key_averages()}  # torchs(inplace=True) clones the input
+
+
+def test_models_build_in_place_silu() -> None:
+    model = DetectionModel(tiny_yaml())
+    acts = [m.act for m in model.modules() if isinstance(m, Conv)]
+    assert acts and all(type(a) is blocks.SiLU and a.inplace for a in acts)
+    named = DetectionModel(tiny_yaml(activation="nn.SiLU()"))
+    assert all(type(m.act) is blocks.SiLU and m.act.inplace for m in named.modules() if isinstance(m, Conv))
 
 
 def test_nc_and_anchor_count_overrides() -> None:

@@ -55,6 +55,8 @@ def _as_yolov5_pickle(model: DetectionModel, modules: dict[str, types.ModuleType
     for module in layers.modules():
         if isinstance(module, blocks.Upsample):
             module.__class__ = nn.Upsample
+        elif isinstance(module, blocks.SiLU):  # YOLOv5's Conv holds torch's nn.SiLU
+            module.__class__ = nn.SiLU
         elif isinstance(module, Detect):
             stride = module._buffers.pop("stride")
             module.__class__ = _fake_class(modules["models.yolo"], "Detect")
