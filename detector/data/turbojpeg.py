@@ -72,6 +72,7 @@ class TurboJPEG:
             raise OSError(f"{path} is not TurboJPEG 3 (no tj3Init)")
         lib.tj3Init.restype = ctypes.c_void_p
         lib.tj3Init.argtypes = [ctypes.c_int]
+        lib.tj3Destroy.argtypes = [ctypes.c_void_p]
         lib.tj3Set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         lib.tj3Get.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.tj3DecompressHeader.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
@@ -94,6 +95,14 @@ class TurboJPEG:
             self._local.handle = handle
         return handle
 
+    def _failed(self) -> None:
+        """Forget this thread's handle after a failed call: libjpeg can keep state from a damaged file (a bogus
+        Huffman table made every later file's header fail), so the next file gets a fresh handle."""
+        handle = getattr(self._local, "handle", None)
+        if handle is not None:
+            self.lib.tj3Destroy(handle)
+            self._local.handle = None
+
     def decode(
         self, data: np.ndarray, *, reduce: int = 1, region: tuple[float, float, float, float] | None = None
     ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]] | None:
@@ -109,6 +118,21 @@ class TurboJPEG:
         """
         if _exif_orientation(data) not in (0, 1):
             return None
+        decoded = self._decode(data, reduce, region)
+        if decoded is None:
+            self._failed()
+            return None
+        pixels, (x, y, w, h), (full_w, full_h) = decoded
+        # drop the crop's outermost pixels where they are not the image's own edge (see above)
+        left, top = int(x > 0), int(y > 0)
+        right, bottom = w - int(x + w < full_w), h - int(y + h < full_h)
+        return pixels[top:bottom, left:right], (x + left, y + top), (full_w, full_h)
+
+    def _decode(
+        self, data: np.ndarray, reduce: int, region: tuple[float, float, float, float] | None
+    ) -> tuple[np.ndarray, tuple[int, int, int, int], tuple[int, int]] | None:
+        """The crop (x, y, w, h) that covers ``region`` with the margin, decoded, and the whole decoded size; None
+        when a call fails or the file is OpenCV's."""
         lib, handle = self.lib, self._handle()
         address = data.ctypes.data
         if lib.tj3DecompressHeader(handle, address, data.size) != 0:
@@ -139,10 +163,7 @@ class TurboJPEG:
         pixels = np.empty((h, w, 3), np.uint8)
         if lib.tj3Decompress8(handle, address, data.size, pixels.ctypes.data, 0, _TJPF_BGR) != 0:
             return None
-        # drop the crop's outermost pixels where they are not the image's own edge (see above)
-        left, top = int(x > 0), int(y > 0)
-        right, bottom = w - int(x + w < full_w), h - int(y + h < full_h)
-        return pixels[top:bottom, left:right], (x + left, y + top), (full_w, full_h)
+        return pixels, (x, y, w, h), (full_w, full_h)
 
 
 def _exif_orientation(data: np.ndarray) -> int:

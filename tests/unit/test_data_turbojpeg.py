@@ -110,6 +110,48 @@ def test_files_opencv_treats_differently_are_left_to_opencv(tmp_path: Path) -> N
     assert read_image(tmp_path / "rotated.jpg").shape[:2] == (80, 48)  # upright: OpenCV applied the tag
 
 
+def test_damaged_files_never_crash_or_give_other_pixels_or_spoil_the_next() -> None:
+    """Fuzzing the C library through ctypes: 300 damaged copies of the test files (bytes overwritten, the header
+    garbled, truncated, bytes inserted, the last rows' bytes overwritten). A crash would take the loader worker
+    with it; whatever the decoder returns must be OpenCV's pixels there (damaged entropy data often decodes
+    without a warning, to the same garbage in both); and an undamaged file decodes after each (a bogus Huffman
+    table once left the thread's handle failing every later header, silently sending all files to OpenCV)."""
+    rng = np.random.default_rng(3)
+    sources = list(files().values())
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4}
+    decoded = declined = 0
+    for case in range(300):
+        data = sources[case % len(sources)].copy()
+        damage = case % 5
+        if damage == 0:  # bytes anywhere
+            data[rng.integers(0, data.size, 10)] = rng.integers(0, 256, 10)
+        elif damage == 1:  # the header's markers and tables
+            data[rng.integers(0, min(600, data.size), 4)] = rng.integers(0, 256, 4)
+        elif damage == 2:
+            data = data[: rng.integers(2, data.size)]
+        elif damage == 3:
+            at = int(rng.integers(0, data.size))
+            data = np.concatenate([data[:at], rng.integers(0, 256, 30, dtype=np.uint8), data[at:]])
+        else:  # the last rows' bytes, which a region at the top need not read
+            data[rng.integers(data.size * 9 // 10, data.size, 10)] = rng.integers(0, 256, 10)
+        reduce = int(rng.choice([1, 2, 4]))
+        x0, y0 = rng.uniform(0, 0.7), rng.uniform(0, 0.7 if damage < 4 else 0.2)
+        result = turbojpeg.decoder().decode(data, reduce=reduce, region=(x0, y0, x0 + 0.3, y0 + 0.3))
+        assert turbojpeg.decoder().decode(sources[0], region=(0.2, 0.2, 0.6, 0.6)) is not None, case
+        if result is None:
+            declined += 1
+            continue
+        pixels, (x, y), (width, height) = result
+        whole = cv2.imdecode(data, flags[reduce])
+        if whole is None:  # cut after the region: libjpeg-turbo stopped reading before the damage
+            assert damage == 2
+            continue
+        assert whole.shape[:2] == (height, width)
+        np.testing.assert_array_equal(pixels, whole[y : y + pixels.shape[0], x : x + pixels.shape[1]])
+        decoded += 1
+    assert decoded > 50 and declined > 50
+
+
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])
 def test_exif_orientation_is_read_without_decoding(orientation: int) -> None:
     exif = Image.Exif()
