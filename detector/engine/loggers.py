@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -177,9 +178,9 @@ class NDJSONLogger(Callback):
         if self.console or not trainer.is_main or not path.exists():
             return
         kept = [
-            line
-            for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("epoch", 0) < trainer.state.start_epoch
+            line if line.endswith("\n") else line + "\n"
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+            if _epoch_of_line(line) < trainer.state.start_epoch
         ]
         atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
@@ -194,6 +195,17 @@ class NDJSONLogger(Callback):
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _epoch_of_line(line: str) -> float:
+    """The epoch of a results.ndjson line; infinity (not kept) for a blank or torn one, e.g. the last line of a run
+    killed while writing it."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return math.inf
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    return epoch if isinstance(epoch, int | float) else math.inf
 
 
 def _loss_names(columns: tuple[str, ...]) -> list[str]:

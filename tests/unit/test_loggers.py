@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ import torch
 from detector.engine.callbacks import EVENTS, Callback, Callbacks, EpochRecord, result_columns
 from detector.engine.loggers import (
     CSVLogger,
+    NDJSONLogger,
     TrainingBatchPlotter,
     plot_results,
     read_results,
@@ -138,6 +140,28 @@ def test_csv_logger_appends_and_truncates_rerun_epochs_on_resume(tmp_path):
     resumed.epoch_record = record(2)
     logger.on_epoch_end(resumed)
     assert [r["epoch"] for r in read_results(tmp_path / "results.csv")] == [0, 1, 2]
+
+
+def test_ndjson_logger_drops_rerun_epochs_and_a_torn_last_line_on_resume(tmp_path):
+    trainer = fake_trainer(tmp_path)
+    logger = NDJSONLogger()
+    logger.on_fit_start(trainer)
+    for epoch in range(3):
+        trainer.epoch_record = record(epoch)
+        logger.on_epoch_end(trainer)
+    path = tmp_path / "results.ndjson"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1, 2] and lines[1]["train/box_loss"] == pytest.approx(0.05)
+    assert list(lines[0]) == list(YOLOV5_COLUMNS)
+
+    # killed while writing epoch 3's line, after epoch 2's checkpoint: resumed at epoch 3, the torn line goes
+    with open(path, "a") as f:
+        f.write('{"epoch": 3, "train/box_')
+    resumed = fake_trainer(tmp_path, start_epoch=3)
+    logger.on_fit_start(resumed)
+    resumed.epoch_record = record(3)
+    logger.on_epoch_end(resumed)
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1, 2, 3]
 
 
 def test_read_results_accepts_yolov5_padded_headers(tmp_path):
