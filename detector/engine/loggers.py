@@ -10,6 +10,7 @@ YOLOv5's, in YOLOv5's order, so tools that read its results files read ours.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -128,9 +129,9 @@ class CSVLogger(Callback):
         path = self.path(trainer)
         self.columns, self.rows = (), []
         if path.exists():
-            with open(path, newline="", encoding="utf-8") as f:
-                self.columns = tuple(name.strip() for name in next(csv.reader(f), []))
-            self.rows = [row for row in read_results(path) if row["epoch"] < trainer.state.start_epoch]
+            text = complete_lines(path)
+            self.columns = tuple(name.strip() for name in next(csv.reader(io.StringIO(text)), []))
+            self.rows = [row for row in _parse_results(text) if row["epoch"] < trainer.state.start_epoch]
         self._rewrite(path)
 
     def on_epoch_end(self, trainer: Trainer) -> None:
@@ -178,8 +179,8 @@ class NDJSONLogger(Callback):
         if self.console or not trainer.is_main or not path.exists():
             return
         kept = [
-            line if line.endswith("\n") else line + "\n"
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+            line
+            for line in complete_lines(path).splitlines(keepends=True)
             if _epoch_of_line(line) < trainer.state.start_epoch
         ]
         atomic_write(path, lambda f: f.write("".join(kept).encode()))
@@ -197,9 +198,15 @@ class NDJSONLogger(Callback):
             os.fsync(f.fileno())
 
 
+def complete_lines(path: Path) -> str:
+    """A log file's text up to its last newline: the line a run killed while writing it left half-written is not
+    part of it (results.csv and results.ndjson on resume)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return text[: text.rfind("\n") + 1]
+
+
 def _epoch_of_line(line: str) -> float:
-    """The epoch of a results.ndjson line; infinity (not kept) for a blank or torn one, e.g. the last line of a run
-    killed while writing it."""
+    """The epoch of a results.ndjson line; infinity (not kept) for a blank or unreadable one."""
     try:
         record = json.loads(line)
     except ValueError:
@@ -223,13 +230,17 @@ def _format(value: float) -> str:
 
 def read_results(path: str | Path) -> list[dict[str, float]]:
     """The rows of a results.csv as floats (epoch as int); columns are stripped of YOLOv5's padding spaces."""
-    rows = []
     with open(path, newline="", encoding="utf-8") as f:
-        for raw in csv.DictReader(f):
-            row = {key.strip(): float(value) for key, value in raw.items() if key and value not in (None, "")}
-            if "epoch" in row:
-                row["epoch"] = int(row["epoch"])
-                rows.append(row)
+        return _parse_results(f.read())
+
+
+def _parse_results(text: str) -> list[dict[str, float]]:
+    rows = []
+    for raw in csv.DictReader(io.StringIO(text, newline="")):
+        row = {key.strip(): float(value) for key, value in raw.items() if key and value not in (None, "")}
+        if "epoch" in row:
+            row["epoch"] = int(row["epoch"])
+            rows.append(row)
     return rows
 
 

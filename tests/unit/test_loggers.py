@@ -133,7 +133,10 @@ def test_csv_logger_appends_and_truncates_rerun_epochs_on_resume(tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert rows[1]["train/box_loss"] == pytest.approx(0.05)
 
-    # A run killed after writing epoch 2's row but before its checkpoint resumes at epoch 2: the row goes.
+    # A run killed after writing epoch 2's row but before its checkpoint resumes at epoch 2: the row goes; so does
+    # the start of a row the kill cut short ("1" of "12,...", which would read as an epoch-1 row).
+    with open(tmp_path / "results.csv", "a", newline="") as f:
+        f.write("1")
     resumed = fake_trainer(tmp_path, start_epoch=2)
     logger.on_fit_start(resumed)
     assert [r["epoch"] for r in read_results(tmp_path / "results.csv")] == [0, 1]
