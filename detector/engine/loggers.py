@@ -129,7 +129,7 @@ class CSVLogger(Callback):
         path = self.path(trainer)
         self.columns, self.rows = (), []
         if path.exists():
-            text = complete_lines(path)
+            text = _complete_lines(path)
             self.columns = tuple(name.strip() for name in next(csv.reader(io.StringIO(text)), []))
             self.rows = [row for row in _parse_results(text) if row["epoch"] < trainer.state.start_epoch]
         self._rewrite(path)
@@ -180,7 +180,7 @@ class NDJSONLogger(Callback):
             return
         kept = [
             line
-            for line in complete_lines(path).splitlines(keepends=True)
+            for line in _complete_lines(path).splitlines(keepends=True)
             if _epoch_of_line(line) < trainer.state.start_epoch
         ]
         atomic_write(path, lambda f: f.write("".join(kept).encode()))
@@ -198,7 +198,7 @@ class NDJSONLogger(Callback):
             os.fsync(f.fileno())
 
 
-def complete_lines(path: Path) -> str:
+def _complete_lines(path: Path) -> str:
     """A log file's text up to its last newline: the line a run killed while writing it left half-written is not
     part of it (results.csv and results.ndjson on resume)."""
     text = path.read_text(encoding="utf-8", errors="replace")
