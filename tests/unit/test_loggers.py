@@ -122,13 +122,18 @@ def test_a_new_loss_term_gets_its_columns_and_a_rewritten_header(tmp_path):
     assert rows[1]["val/distill_loss"] == 0.0  # validation did not compute it: 0, as YOLOv5 writes absent values
 
 
-def test_csv_logger_appends_and_truncates_rerun_epochs_on_resume(tmp_path):
-    trainer = fake_trainer(tmp_path)
-    logger = CSVLogger()
+def log_three_epochs(logger: Callback, save_dir: Path) -> None:
+    """A run of ``logger`` from its start to the end of epoch 2."""
+    trainer = fake_trainer(save_dir)
     logger.on_fit_start(trainer)
     for epoch in range(3):
         trainer.epoch_record = record(epoch)
         logger.on_epoch_end(trainer)
+
+
+def test_csv_logger_appends_and_truncates_rerun_epochs_on_resume(tmp_path):
+    logger = CSVLogger()
+    log_three_epochs(logger, tmp_path)
     rows = read_results(tmp_path / "results.csv")
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert rows[1]["train/box_loss"] == pytest.approx(0.05)
@@ -146,12 +151,8 @@ def test_csv_logger_appends_and_truncates_rerun_epochs_on_resume(tmp_path):
 
 
 def test_ndjson_logger_drops_rerun_epochs_and_a_torn_last_line_on_resume(tmp_path):
-    trainer = fake_trainer(tmp_path)
     logger = NDJSONLogger()
-    logger.on_fit_start(trainer)
-    for epoch in range(3):
-        trainer.epoch_record = record(epoch)
-        logger.on_epoch_end(trainer)
+    log_three_epochs(logger, tmp_path)
     path = tmp_path / "results.ndjson"
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [0, 1, 2] and lines[1]["train/box_loss"] == pytest.approx(0.05)
