@@ -25,3 +25,7 @@ class CheckpointError(DetectorError, ValueError):
 
 class ExportError(DetectorError, RuntimeError):
     """An export failed or its output does not agree with the PyTorch model."""
+
+
+class LoaderWorkerError(DetectorError, RuntimeError):
+    """A data loader worker process died (killed by the out-of-memory killer, a signal, a full /dev/shm)."""

@@ -80,7 +80,7 @@ from detector.engine.sparsity import SparsityPenalty
 from detector.engine.state import Checkpointer, TrainState
 from detector.engine.trackers import build_loggers, check_loggers
 from detector.engine.validator import Validator, create_val_dataloader
-from detector.errors import CheckpointError, ConfigError
+from detector.errors import CheckpointError, ConfigError, LoaderWorkerError
 from detector.models.autoanchor import check_anchors
 from detector.models.distill import DistillationLoss, load_teacher
 from detector.models.loading import load_model, model_from_checkpoint
@@ -714,15 +714,16 @@ class Trainer:
             )
             self.good_state = self.checkpointer.snapshot(self)
             state.epoch = state.start_epoch
-            while state.epoch < state.epochs:  # not a range: --time may change state.epochs during the run
-                self.train_one_epoch()
-                self.end_epoch()
-                if state.stop_reason is not None:
-                    LOGGER.info("Stopping training: %s", state.stop_reason)
-                    break
-                if state.is_last_epoch:
-                    break  # state.epoch stays the last epoch trained, for the hooks at the end
-                state.epoch += 1
+            with self._loader_worker_deaths_explained():
+                while state.epoch < state.epochs:  # not a range: --time may change state.epochs during the run
+                    self.train_one_epoch()
+                    self.end_epoch()
+                    if state.stop_reason is not None:
+                        LOGGER.info("Stopping training: %s", state.stop_reason)
+                        break
+                    if state.is_last_epoch:
+                        break  # state.epoch stays the last epoch trained, for the hooks at the end
+                    state.epoch += 1
             LOGGER.info(
                 "%d epochs completed in %.3f hours.",
                 state.epoch - state.start_epoch + 1,
@@ -737,6 +738,30 @@ class Trainer:
             if self.log_handler is not None:
                 remove_file_log(self.log_handler)
             distributed.destroy_distributed()
+
+    @contextmanager
+    def _loader_worker_deaths_explained(self) -> Iterator[None]:
+        """A loader worker that dies (torch raises ``RuntimeError: DataLoader worker (pid N) is killed by signal:
+        Killed.`` or ``... exited unexpectedly`` wherever the main process is) becomes one line: what happened, the
+        likely cause and how to go on from the last checkpoint."""
+        try:
+            yield
+        except RuntimeError as e:
+            if not str(e).startswith("DataLoader worker"):
+                raise
+            last = self.checkpointer.last
+            go_on = (
+                f"continue from the last epoch saved with: python train.py --resume {last}"
+                if last.exists()
+                else "no epoch was saved yet"
+            )
+            message = str(e).strip()
+            shared_memory = "Bus error" in message or "shared memory" in message  # torch says what to do then
+            likely = "" if shared_memory else "killed by the kernel's out-of-memory killer, most often: "
+            raise LoaderWorkerError(
+                f"{message} ({likely}try fewer --workers, now {self.config.workers}, or a smaller --batch-size); "
+                f"{go_on}"
+            ) from e
 
     def train_one_epoch(self) -> None:
         """One pass over the training data: seeding, then ``train_step`` per batch with the step events."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +26,7 @@ from detector.config import (
 from detector.engine.hooks import EarlyStopping, validation_due
 from detector.engine.state import TrainState, strip_optimizer
 from detector.engine.trainer import (
+    Trainer,
     check_amp,
     epoch_seed,
     freeze_layers,
@@ -34,7 +37,7 @@ from detector.engine.trainer import (
     set_train_mode,
     transfer_weights,
 )
-from detector.errors import CheckpointError, ConfigError
+from detector.errors import CheckpointError, ConfigError, LoaderWorkerError
 from detector.utils.checkpoint import load_checkpoint, save_checkpoint
 from detector.utils.torch_utils import cpu_has_native_bf16
 
@@ -374,3 +377,36 @@ def test_best_epoch_and_early_stopping_only_move_on_validated_epochs():
     EarlyStopping().on_epoch_end(trainer)
     assert len(trainer.stops) == 1
     assert "no improvement in the last 2 epochs; best results at epoch 3" in trainer.stops[0]
+
+
+class _DiesInWorker(torch.utils.data.Dataset):
+    """A dataset whose loader worker is killed by SIGKILL at its first item, as the out-of-memory killer does."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(1)
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_a_killed_loader_worker_ends_training_with_one_line_naming_the_cause_and_the_resume(tmp_path, saved):
+    """torch's RuntimeError from a really killed worker becomes a LoaderWorkerError (the CLI prints it as one line)
+    with the likely cause and, when an epoch was saved, the command that continues the run."""
+    last = tmp_path / "last.pt"
+    if saved:
+        last.write_bytes(b"")
+    trainer = SimpleNamespace(checkpointer=SimpleNamespace(last=last), config=SimpleNamespace(workers=1))
+    loader = torch.utils.data.DataLoader(_DiesInWorker(), num_workers=1)
+    with pytest.raises(LoaderWorkerError) as raised, Trainer._loader_worker_deaths_explained(trainer):
+        next(iter(loader))
+    message = str(raised.value)
+    assert message.startswith("DataLoader worker (pid")  # torch's own words: "is killed by signal: Killed." or
+    assert "out-of-memory killer" in message and "--workers, now 1" in message  # "exited unexpectedly"
+    assert (f"python train.py --resume {last}" in message) == saved and ("no epoch was saved" in message) != saved
+    assert "\n" not in message
+
+    # other errors pass through unchanged
+    with pytest.raises(RuntimeError, match="another failure"), Trainer._loader_worker_deaths_explained(trainer):
+        raise RuntimeError("another failure")
