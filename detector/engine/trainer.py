@@ -80,7 +80,7 @@ from detector.engine.sparsity import SparsityPenalty
 from detector.engine.state import Checkpointer, TrainState
 from detector.engine.trackers import build_loggers, check_loggers
 from detector.engine.validator import Validator, create_val_dataloader
-from detector.errors import CheckpointError, ConfigError, LoaderWorkerError
+from detector.errors import CheckpointError, ConfigError, DetectorError, LoaderWorkerError
 from detector.models.autoanchor import check_anchors
 from detector.models.distill import DistillationLoss, load_teacher
 from detector.models.loading import load_model, model_from_checkpoint
@@ -127,8 +127,9 @@ def train(callbacks: Callbacks | Iterable[Callback] | None = None, **options: An
     return Trainer(resolve_train_config(options, source="detector.train()"), callbacks=callbacks).fit()
 
 
-class TrainingDivergedError(RuntimeError):
-    """The loss stayed non-finite even after restoring the last good weights at a lower learning rate."""
+class TrainingDivergedError(DetectorError, RuntimeError):
+    """The loss stayed non-finite even after restoring the last good weights at a lower learning rate (the data or
+    the hyperparameters: train.py prints the message as one line, as for bad input)."""
 
 
 # --------------------------------------------------------------------------------------------------------------------

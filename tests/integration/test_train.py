@@ -19,6 +19,7 @@ from tiny_runs import tiny_config
 from detector.engine.callbacks import Callbacks
 from detector.engine.loggers import read_results
 from detector.engine.trainer import Trainer, TrainingDivergedError
+from detector.errors import DetectorError
 from detector.utils.checkpoint import load_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, where train.py is
@@ -106,9 +107,10 @@ def test_nonfinite_loss_is_skipped_then_recovered_from(tiny, tmp_path, caplog):
 def test_persistent_nonfinite_loss_stops_with_a_clear_error(tiny, tmp_path):
     trainer = Trainer(tiny_config(tiny, tmp_path, epochs=4, batch_size=4))
     trainer.loss_fn = NonFiniteAt(trainer.loss_fn, calls=range(2, 100))
-    with pytest.raises(TrainingDivergedError, match=r"non-finite .* even after restoring"):
+    with pytest.raises(TrainingDivergedError, match=r"non-finite .* even after restoring") as raised:
         trainer.fit()
     assert trainer.state.lr_factor == pytest.approx(0.1)  # the recovery was tried once
+    assert isinstance(raised.value, DetectorError)  # train.py prints it as one "error:" line, no traceback
 
 
 def test_same_seed_gives_identical_weights_and_multi_scale_bf16_run(tiny, tmp_path):
