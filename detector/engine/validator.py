@@ -446,6 +446,10 @@ def _check_thresholds(config: ValConfig) -> None:
         check_threshold(f"--{key.replace('_', '-')}", getattr(config, key))
     if config.max_det < 1:
         raise ConfigError(f"--max-det must be at least 1, got {config.max_det}")
+    if config.imgsz < 1:  # train.py, detect.py and export.py refuse it too (YOLOv5 would validate at 32)
+        raise ConfigError(f"--imgsz: expected a positive number, got {config.imgsz}")
+    if config.batch_size < 1:
+        raise ConfigError(f"--batch-size: expected a positive number of images, got {config.batch_size}")
     TileOptions.from_config(config)  # raises on invalid --tile* values
 
 
