@@ -651,11 +651,29 @@ def resume_checkpoint_path(resume: str, project: str | Path) -> Path:
     return path
 
 
+def _refuse_yolov5_resume(path: Path) -> None:
+    """A YOLOv5 training checkpoint given to --resume: say what it is and how to train from its weights instead."""
+    from detector.models.yolov5_import import read_yolov5_checkpoint  # lazy import: torch
+
+    try:
+        read_yolov5_checkpoint(path)
+    except CheckpointError:
+        return  # not YOLOv5's either: load_checkpoint's message stands
+    raise CheckpointError(
+        f"--resume {path}: a YOLOv5 checkpoint; --resume continues runs of this trainer only. To train from its "
+        f"weights: python train.py --weights {path} --data <your data YAML>"
+    )
+
+
 def _resume_train_config(given: TrainConfig, layers: list[tuple[str, Mapping[str, Any]]]) -> TrainConfig:
     from detector.utils.checkpoint import load_checkpoint  # lazy import: torch only when resuming
 
     path = resume_checkpoint_path(given.resume, given.project)
-    checkpoint = load_checkpoint(path)
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError:
+        _refuse_yolov5_resume(path)
+        raise
     saved_dict = checkpoint.get("train_config")
     if not isinstance(saved_dict, dict):
         raise CheckpointError(f"{path}: holds no training state (train_config); use --weights {path} to fine-tune")

@@ -186,6 +186,18 @@ def test_resume_of_a_finished_run_says_how_to_extend_it(tmp_path):
     assert resolve_train_config({"resume": str(path), "epochs": 5}).epochs == 5  # more epochs: resumable
 
 
+def test_resume_of_a_yolov5_checkpoint_says_what_it_is_and_how_to_train_from_it(yolov5n_weights, tmp_path):
+    with pytest.raises(CheckpointError) as raised:
+        resolve_train_config({"resume": str(yolov5n_weights)})
+    assert str(raised.value) == (
+        f"--resume {yolov5n_weights}: a YOLOv5 checkpoint; --resume continues runs of this trainer only. To train "
+        f"from its weights: python train.py --weights {yolov5n_weights} --data <your data YAML>"
+    )
+    (tmp_path / "empty.pt").write_bytes(b"")  # neither ours nor YOLOv5's: the loader's own message
+    with pytest.raises(CheckpointError, match=r"empty\.pt: not a detector checkpoint readable with weights_only"):
+        resolve_train_config({"resume": str(tmp_path / "empty.pt")})
+
+
 @pytest.mark.parametrize(
     ("flags", "flag"), [({"imgsz": 128}, "--imgsz"), ({"hyp": {"lr0": 0.5}}, "--hyp"), ({"cos_lr": True}, "--cos-lr")]
 )
