@@ -29,3 +29,16 @@ class ExportError(DetectorError, RuntimeError):
 
 class LoaderWorkerError(DetectorError, RuntimeError):
     """A data loader worker process died (killed by the out-of-memory killer, a signal, a full /dev/shm)."""
+
+    @classmethod
+    def explain(cls, error: BaseException, then: str = "") -> LoaderWorkerError | None:
+        """torch's ``RuntimeError: DataLoader worker (pid N) is killed by signal: Killed.`` (or ``... exited
+        unexpectedly``) as one line with the likely cause and what to change, ``then`` appended (e.g. how to go
+        on); None for any other error."""
+        message = str(error).strip()
+        if not isinstance(error, RuntimeError) or not message.startswith("DataLoader worker"):
+            return None
+        shared_memory = "Bus error" in message or "shared memory" in message  # torch says what to do then
+        likely = "" if shared_memory else "killed by the kernel's out-of-memory killer, most often: "
+        advice = f"{message} ({likely}try fewer --workers or a smaller --batch-size)"
+        return cls(f"{advice}; {then}" if then else advice)

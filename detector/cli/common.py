@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from detector.errors import DetectorError
+from detector.errors import DetectorError, LoaderWorkerError
 from detector.utils.logging import setup_logging
 
 LOGGER = logging.getLogger("detector")
@@ -72,6 +72,12 @@ def run_cli(main: Callable[[], int | None]) -> int:
         return int(main() or 0)
     except DetectorError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # a data loader worker that died (val.py, detect.py): one line, not a traceback
+        explained = LoaderWorkerError.explain(e)
+        if explained is None:
+            raise
+        print(f"error: {explained}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

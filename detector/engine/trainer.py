@@ -748,21 +748,16 @@ class Trainer:
         try:
             yield
         except RuntimeError as e:
-            if not str(e).startswith("DataLoader worker"):
-                raise
             last = self.checkpointer.last
-            go_on = (
+            then = (
                 f"continue from the last epoch saved with: python train.py --resume {last}"
                 if last.exists()
                 else "no epoch was saved yet"
             )
-            message = str(e).strip()
-            shared_memory = "Bus error" in message or "shared memory" in message  # torch says what to do then
-            likely = "" if shared_memory else "killed by the kernel's out-of-memory killer, most often: "
-            raise LoaderWorkerError(
-                f"{message} ({likely}try fewer --workers, now {self.config.workers}, or a smaller --batch-size); "
-                f"{go_on}"
-            ) from e
+            explained = LoaderWorkerError.explain(e, then)
+            if explained is None:
+                raise
+            raise explained from e
 
     def train_one_epoch(self) -> None:
         """One pass over the training data: seeding, then ``train_step`` per batch with the step events."""

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+
+import pytest
+import torch
+
+from detector.cli.common import run_cli
 
 
 def test_run_cli_freezes_the_objects_left_at_exit_and_output_still_arrives() -> None:
@@ -48,3 +55,30 @@ def test_val_help_and_a_mistyped_flag_answer_before_torch_is_imported() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.split("\n")[:2] == ["--help 0 False", "--no-such-flag 2 False"]
+
+
+class _DiesInWorker(torch.utils.data.Dataset):
+    """A dataset whose loader worker is killed by SIGKILL at its first item, as the out-of-memory killer does."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(1)
+
+
+def test_run_cli_prints_a_dead_loader_worker_as_one_line(capsys) -> None:
+    """val.py and detect.py: torch's RuntimeError from a really killed worker is one 'error:' line, exit status 2;
+    any other RuntimeError stays a traceback (a bug must show where it is)."""
+    loader = torch.utils.data.DataLoader(_DiesInWorker(), num_workers=1)
+    assert run_cli(lambda: next(iter(loader))) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: DataLoader worker (pid")
+    assert "out-of-memory killer" in lines[0] and "try fewer --workers or a smaller --batch-size" in lines[0]
+
+    def fails() -> None:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(fails)
