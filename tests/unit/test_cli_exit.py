@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import textwrap
 
 import pytest
-import torch
+from killed_worker import loader_whose_worker_dies
 
 from detector.cli.common import run_cli
 
@@ -57,21 +55,10 @@ def test_val_help_and_a_mistyped_flag_answer_before_torch_is_imported() -> None:
     assert result.stdout.split("\n")[:2] == ["--help 0 False", "--no-such-flag 2 False"]
 
 
-class _DiesInWorker(torch.utils.data.Dataset):
-    """A dataset whose loader worker is killed by SIGKILL at its first item, as the out-of-memory killer does."""
-
-    def __len__(self) -> int:
-        return 4
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        os.kill(os.getpid(), signal.SIGKILL)
-        return torch.zeros(1)
-
-
 def test_run_cli_prints_a_dead_loader_worker_as_one_line(capsys) -> None:
     """val.py and detect.py: torch's RuntimeError from a really killed worker is one 'error:' line, exit status 2;
     any other RuntimeError stays a traceback (a bug must show where it is)."""
-    loader = torch.utils.data.DataLoader(_DiesInWorker(), num_workers=1)
+    loader = loader_whose_worker_dies()
     assert run_cli(lambda: next(iter(loader))) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: DataLoader worker (pid")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from killed_worker import loader_whose_worker_dies
 from torch import nn
 
 from detector.config import (
@@ -391,17 +390,6 @@ def test_best_epoch_and_early_stopping_only_move_on_validated_epochs():
     assert "no improvement in the last 2 epochs; best results at epoch 3" in trainer.stops[0]
 
 
-class _DiesInWorker(torch.utils.data.Dataset):
-    """A dataset whose loader worker is killed by SIGKILL at its first item, as the out-of-memory killer does."""
-
-    def __len__(self) -> int:
-        return 4
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        os.kill(os.getpid(), signal.SIGKILL)
-        return torch.zeros(1)
-
-
 @pytest.mark.parametrize("saved", [True, False])
 def test_a_killed_loader_worker_ends_training_with_one_line_naming_the_cause_and_the_resume(tmp_path, saved):
     """torch's RuntimeError from a really killed worker becomes a LoaderWorkerError (the CLI prints it as one line)
@@ -410,7 +398,7 @@ def test_a_killed_loader_worker_ends_training_with_one_line_naming_the_cause_and
     if saved:
         last.write_bytes(b"")
     trainer = SimpleNamespace(checkpointer=SimpleNamespace(last=last))
-    loader = torch.utils.data.DataLoader(_DiesInWorker(), num_workers=1)
+    loader = loader_whose_worker_dies()
     with pytest.raises(LoaderWorkerError) as raised, Trainer._loader_worker_deaths_explained(trainer):
         next(iter(loader))
     message = str(raised.value)
