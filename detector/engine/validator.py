@@ -108,7 +108,7 @@ class Validator:
     ) -> None:
         from detector.data.dataset_config import COCO80_TO_COCO91, COCO_NAMES
 
-        _check_thresholds(config)
+        _check_options(config)
         self.config = config
         self.names = tuple(names)
         self.save_dir = Path(save_dir) if save_dir is not None else None
@@ -441,7 +441,8 @@ class Validator:
 # Helpers of the loop
 
 
-def _check_thresholds(config: ValConfig) -> None:
+def _check_options(config: ValConfig) -> None:
+    """val.py's numeric options and --tile*: one-line ConfigErrors before any model or data is loaded."""
     for key in ("conf_thres", "iou_thres"):
         check_threshold(f"--{key.replace('_', '-')}", getattr(config, key))
     if config.max_det < 1:
@@ -591,7 +592,7 @@ def run_validation(config: ValConfig, plots: bool = True) -> Metrics:
     from detector.utils.files import increment_path
     from detector.utils.logging import add_file_log, remove_file_log
 
-    _check_thresholds(config)
+    _check_options(config)
     if config.task == "speed":
         config = dataclasses.replace(
             config, conf_thres=SPEED_TASK_CONF, iou_thres=SPEED_TASK_IOU, save_json=False, save_hybrid=False
