@@ -133,6 +133,12 @@ class Predictor:
         self.iou_thres = iou_thres
         self.max_det = max_det
         self.classes = list(classes) if classes is not None else None
+        unknown = [c for c in self.classes or () if not 0 <= c < len(self.names)]
+        if unknown:  # a filter that can only ever keep nothing
+            raise ConfigError(
+                f"--classes {' '.join(map(str, unknown))}: the model has {len(self.names)} classes, "
+                f"ids 0-{len(self.names) - 1}"
+            )
         self.agnostic_nms = agnostic_nms
         self.augment = augment
         self.multi_label = multi_label
@@ -542,6 +548,8 @@ def run_detect(config: DetectConfig, source: FileSource | StreamSource | None = 
     """
     if not config.weights:
         raise ConfigError("--weights is required (a .pt, .torchscript, .onnx, *_openvino_model or .engine)")
+    if config.line_thickness < 1:  # OpenCV fills a rectangle drawn with a negative thickness: boxes would hide objects
+        raise ConfigError(f"--line-thickness must be at least 1 pixel, got {config.line_thickness}")
     if source is None:
         source = open_source(config.source, config.vid_stride)
     try:

@@ -322,3 +322,28 @@ def test_bad_sources_exit_nonzero_with_one_line(tmp_path: Path, tiny_weights: Pa
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--classes", "0", "2", "7"], "--classes 2 7: the model has 2 classes, ids 0-1"),
+        (["--classes", "-1"], "--classes -1: the model has 2 classes, ids 0-1"),
+        (["--line-thickness", "-1"], "--line-thickness must be at least 1 pixel, got -1"),
+        (["--line-thickness", "0"], "--line-thickness must be at least 1 pixel, got 0"),
+    ],
+    ids=["unknown-classes", "negative-class", "filled-boxes", "no-line"],
+)
+def test_bad_options_exit_nonzero_with_one_line_before_any_folder(
+    tmp_path: Path, tiny_weights: Path, options: list[str], message: str
+) -> None:
+    """A class id the model lacks would silently keep nothing; OpenCV fills a box drawn with thickness -1."""
+    image = tmp_path / "im.jpg"
+    cv2.imwrite(str(image), np.full((64, 64, 3), 127, np.uint8))
+    run = run_detect_script(
+        "--weights", str(tiny_weights), "--source", str(image), "--img", "64", *options, cwd=tmp_path
+    )
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "runs").exists()
