@@ -544,7 +544,7 @@ def differences_from_val_defaults(config: ValConfig) -> list[str]:
     keys = ("imgsz", "batch_size", "conf_thres", "iou_thres", "max_det", "single_cls", "augment", "half")
     notes = {
         "batch_size": " - rectangular batch shapes depend on it",
-        "half": " - FP16 moves mAP in the 3rd decimal",
+        "half": " - half precision (fp16 on CUDA, bf16 on a CPU) moves mAP in the 3rd decimal",
     }
     return [
         f"{key} {getattr(config, key)} (val.py: {getattr(defaults, key)}){notes.get(key, '')}"
