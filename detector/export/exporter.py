@@ -109,10 +109,11 @@ class Exporter:
         model = prepare_model(model, device)
         imgsz = check_imgsz(config.imgsz, int(model.stride.max()), flag="--imgsz")
         stem = Path(config.weights).stem if config.weights else "model"
+        formats = [format_for_include(name)() for name in config.include]
+        _check_before_writing(config, formats)
         run_dir = increment_path(Path(config.project) / config.name, exist_ok=config.exist_ok)
         if config.inplace:
             LOGGER.info("--inplace has no effect: the exported Detect head never writes into its inputs")
-        formats = [format_for_include(name)() for name in config.include]
         LOGGER.info(
             f"Exporting {stem} ({len(model_names(model))} classes, input {config.batch_size}x3x{imgsz[0]}x{imgsz[1]}"
             f"{', dynamic' if config.dynamic else ''}{', fp16' if config.half else ''}"
@@ -139,6 +140,19 @@ class Exporter:
         if not any(r.ok for r in results):  # asked for formats, got none: a script must not take that as success
             raise ExportError("nothing exported: " + "; ".join(f"{r.title} skipped ({r.skipped})" for r in results))
         return results
+
+
+def _check_before_writing(config: ExportConfig, formats: Sequence[Format]) -> None:
+    """What can fail before anything is written, raised before the run folder exists: a ``--data`` YAML that does
+    not load (its images check every export and calibrate ``--int8``), and formats none of which can be written
+    here (a missing runtime or device; when only some are missing, those are skipped in the results table)."""
+    from detector.data.dataset_config import load_dataset_config
+
+    if config.data:
+        load_dataset_config(config.data)
+    missing = [(fmt.title, fmt.unavailable(None)) for fmt in formats]
+    if missing and all(reason for _, reason in missing):
+        raise ExportError("nothing exported: " + "; ".join(f"{title} skipped ({reason})" for title, reason in missing))
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:

@@ -380,6 +380,12 @@ def test_tensorrt_failures_say_why(
     assert not (tmp_path / "model.engine").exists()  # never a silent empty result
 
 
+ONE_CONV_YAML = {
+    "nc": 2, "depth_multiple": 1.0, "width_multiple": 1.0, "anchors": [[10, 13, 16, 30]],
+    "backbone": [[-1, 1, "Conv", [8, 3, 2]]], "head": [[[0], 1, "Detect", ["nc", "anchors"]]],
+}  # fmt: skip
+
+
 def test_only_skipped_formats_is_an_error_not_a_silent_success(tmp_path: Path) -> None:
     from detector.errors import ExportError
     from detector.export import Exporter
@@ -387,13 +393,24 @@ def test_only_skipped_formats_is_an_error_not_a_silent_success(tmp_path: Path) -
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: TensorRT is not skipped here")
-    tiny = {
-        "nc": 2, "depth_multiple": 1.0, "width_multiple": 1.0, "anchors": [[10, 13, 16, 30]],
-        "backbone": [[-1, 1, "Conv", [8, 3, 2]]], "head": [[[0], 1, "Detect", ["nc", "anchors"]]],
-    }  # fmt: skip
     config = _config(include=("engine",), imgsz=(64,), project=str(tmp_path))
     with pytest.raises(ExportError, match=r"nothing exported: TensorRT skipped \(.*CUDA"):
-        Exporter(config).run(DetectionModel(tiny))
+        Exporter(config).run(DetectionModel(ONE_CONV_YAML))
+    assert not any(tmp_path.iterdir())  # known before writing: no empty run folder left behind
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["check-images", "int8-calibration"])
+def test_a_data_yaml_that_does_not_load_is_refused_before_the_run_folder(tmp_path: Path, int8: bool) -> None:
+    from detector.errors import DataError
+    from detector.export import Exporter
+    from detector.models.yolo import DetectionModel
+
+    project = tmp_path / "runs"
+    missing = tmp_path / "missing.yaml"
+    config = _config(include=("onnx",), imgsz=(64,), project=str(project), data=str(missing), int8=int8)
+    with pytest.raises((ConfigError, DataError), match=r"missing\.yaml: file not found"):
+        Exporter(config).run(DetectionModel(ONE_CONV_YAML))
+    assert not project.exists()
 
 
 # -- single-label NMS in the graph (detect.py's NMS) ------------------------------------------------------------------
