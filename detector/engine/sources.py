@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import logging
 import re
+import sys
 import threading
 import time
 import urllib.error
@@ -24,7 +25,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import cv2
 import numpy as np
@@ -43,7 +44,7 @@ _RECONNECT_ATTEMPTS = 3
 _DEFAULT_STREAM_FPS = 30.0
 _UNREADABLE_VIDEO = "cannot read video (not a video, or a codec this OpenCV build lacks)"
 
-ImageInput = str | Path | np.ndarray
+ImageInput = str | Path | np.ndarray  # or a PIL.Image.Image (RGB or any other mode)
 SourceInput = str | Path | int | np.ndarray | Sequence[ImageInput]
 
 
@@ -96,13 +97,16 @@ def open_source(source: SourceInput, vid_stride: int = 1) -> Source:
     Accepted: an image or video file; a folder (its images and videos, not recursive); a glob ('data/*.jpg',
     'data/**/*.png'); a .txt file listing one path per line; a webcam index (0 or "0"); an rtsp/rtmp/http(s)
     stream URL (an http(s) URL ending in an image or video suffix is read as that file); a .streams file listing
-    one URL or webcam index per line; an (H, W, 3) BGR uint8 array; or a list mixing paths and arrays.
+    one URL or webcam index per line; an (H, W, 3) BGR uint8 array; a PIL image (any mode, EXIF orientation
+    applied); or a list mixing paths, arrays and PIL images.
     ``vid_stride`` keeps every n-th frame of videos and streams.
     """
     if not isinstance(vid_stride, int) or vid_stride < 1:
         raise DataError(f"--vid-stride must be a positive integer, got {vid_stride!r}")
     if isinstance(source, np.ndarray):
         return FileSource([_check_array(source, "source array")], vid_stride, "array")
+    if _is_pil_image(source):
+        return FileSource([_from_pil(source)], vid_stride, "PIL image")
     if isinstance(source, (list, tuple)):
         return FileSource(_expand_list(source), vid_stride, f"list of {len(source)} inputs")
     if isinstance(source, bool):
@@ -196,12 +200,29 @@ def _expand_list(items: Sequence[ImageInput]) -> list[ImageInput]:
     for position, item in enumerate(items):
         if isinstance(item, np.ndarray):
             expanded.append(_check_array(item, f"source list item {position}"))
+        elif _is_pil_image(item):
+            expanded.append(_from_pil(item))
         elif isinstance(item, (str, Path)):
             expanded.extend(_expand_path(Path(item).expanduser(), str(item)))
         else:
             kind = type(item).__name__
-            raise DataError(f"source list item {position}: expected a path or an image array, got {kind}")
+            raise DataError(f"source list item {position}: expected a path, an image array or a PIL image, got {kind}")
     return expanded
+
+
+def _is_pil_image(item: object) -> bool:
+    """Whether ``item`` is a PIL image (checked without importing PIL: a caller who passes one has imported it)."""
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(item, pil.Image)
+
+
+def _from_pil(image: Any) -> np.ndarray:
+    """A PIL image as an upright (H, W, 3) uint8 BGR array: its EXIF orientation applied, as for image files, and
+    any mode (RGBA, grayscale, palette, CMYK) converted to RGB first, as YOLOv5's AutoShape does."""
+    from PIL import ImageOps
+
+    rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
 def _check_array(image: np.ndarray, where: str) -> np.ndarray:

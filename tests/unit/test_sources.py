@@ -197,3 +197,29 @@ def test_image_url_is_downloaded_into_memory(tmp_path: Path) -> None:
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+
+def test_pil_images_become_upright_bgr_arrays_as_their_files_read(tmp_path: Path) -> None:
+    """YOLOv5's AutoShape takes PIL images; so does the Python API: RGB (or any mode) to BGR, EXIF applied."""
+    from PIL import Image
+
+    bgr = _image(0)
+    rgb = Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1]))
+    (frame,) = _frames(open_source(rgb))
+    np.testing.assert_array_equal(frame.image, bgr)
+    gray = Image.fromarray(bgr[:, :, 0])  # mode L: the grey value in all three channels
+    (frame,) = _frames(open_source(gray))
+    np.testing.assert_array_equal(frame.image, np.repeat(bgr[:, :, :1], 3, axis=2))
+    # orientation 6 (rotate 90 clockwise to display): PIL must give what reading the file gives, 32x24 -> 24x32
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rgb.save(tmp_path / "rotated.png", exif=exif)
+    from_pil, from_file, array = _frames(
+        open_source([Image.open(tmp_path / "rotated.png"), tmp_path / "rotated.png", bgr])
+    )
+    assert from_pil.image.shape == (32, 24, 3)
+    np.testing.assert_array_equal(from_pil.image, from_file.image)
+    np.testing.assert_array_equal(from_pil.image, np.rot90(bgr, k=-1))
+    np.testing.assert_array_equal(array.image, bgr)
+    with pytest.raises(DataError, match="list item 1: expected a path, an image array or a PIL image, got float"):
+        open_source([bgr, 1.5])
