@@ -113,6 +113,11 @@ def open_source(source: SourceInput, vid_stride: int = 1) -> Source:
         raise DataError(f"--source: expected a path, URL or webcam index, got {source!r}")
     if isinstance(source, int) or (isinstance(source, str) and source.strip().isdigit()):
         return StreamSource([int(source)], vid_stride)
+    if not isinstance(source, (str, Path)):  # e.g. a torch tensor, whose text would be taken for a file name
+        raise DataError(
+            "source: expected a path, URL, webcam index, (H, W, 3) BGR uint8 array, PIL image or a list of them, "
+            f"got {type(source).__name__}"
+        )
     text = str(source).strip()
     if not text:
         raise DataError("--source is empty: give an image, folder, glob, .txt list, video, webcam index or URL")

@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from detector.engine.sources import FileSource, Frame, StreamSource, open_source
 from detector.errors import DataError
@@ -223,3 +224,9 @@ def test_pil_images_become_upright_bgr_arrays_as_their_files_read(tmp_path: Path
     np.testing.assert_array_equal(array.image, bgr)
     with pytest.raises(DataError, match="list item 1: expected a path, an image array or a PIL image, got float"):
         open_source([bgr, 1.5])
+
+
+@pytest.mark.parametrize("source", [torch.zeros(1, 3, 8, 8), None, 2.5], ids=["tensor", "none", "float"])
+def test_other_objects_are_refused_by_type_not_taken_for_file_names(source: object) -> None:
+    with pytest.raises(DataError, match=f"source: expected a path, URL, .* got {type(source).__name__}$"):
+        open_source(source)
