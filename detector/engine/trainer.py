@@ -159,13 +159,30 @@ def frozen_layer_indices(freeze: tuple[int, ...]) -> list[int]:
     return sorted(set(freeze))
 
 
+def _layer_prefixes(indices: Iterable[int]) -> tuple[str, ...]:
+    """The parameter-name prefixes of the given top-level layers (``model.<i>.``)."""
+    return tuple(f"model.{i}." for i in sorted(set(indices)))
+
+
 def freeze_layers(model: nn.Module, indices: Iterable[int]) -> list[nn.Module]:
     """Stop gradients of the given top-level layers (``model.<i>.``); returns those layers' modules."""
     indices = sorted(set(indices))
-    prefixes = tuple(f"model.{i}." for i in indices)
+    prefixes = _layer_prefixes(indices)
     for name, parameter in model.named_parameters():
         parameter.requires_grad = not name.startswith(prefixes)
     return [model.model[i] for i in indices if i < len(model.model)]
+
+
+def check_something_trains(model: nn.Module, freeze: tuple[int, ...]) -> None:
+    """ConfigError when ``--freeze`` covers every layer that has parameters: the first step would fail with
+    autograd's 'does not require grad' (YOLOv5 crashes there too)."""
+    prefixes = _layer_prefixes(frozen_layer_indices(freeze))
+    if prefixes and all(name.startswith(prefixes) for name, _ in model.named_parameters()):
+        layers = len(getattr(model, "model", ()))
+        raise ConfigError(
+            f"--freeze {' '.join(map(str, freeze))}: that freezes every layer with parameters (the model has {layers} "
+            f"layers, 0-{layers - 1}, the last the Detect head): nothing would train"
+        )
 
 
 def set_train_mode(model: nn.Module, frozen: Iterable[nn.Module]) -> None:
@@ -368,6 +385,7 @@ class Trainer:
         self.names = ["item"] if config.single_cls else list(self.dataset_config.names)
         self.pretrained_head = False
         self.model = self._adopt_model(model if model is not None else self.build_model(self.resume_checkpoint))
+        check_something_trains(self.model, config.freeze)
         self.stride = int(self.model.stride.max())
         self.imgsz = check_imgsz(config.imgsz, self.stride, minimum=2 * self.stride)[0]  # square training size
         self.val_imgsz = (

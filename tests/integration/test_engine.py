@@ -196,6 +196,7 @@ def test_model_loss_and_loader_can_be_handed_in(tiny, tmp_path):
         ({"lr_schedule": "cosin"}, "did you mean 'cosine'"),
         ({"lr_schedule": "cosine-restarts", "schedule": {"t0": 0}}, "schedule.t0"),
         ({"batch_size": 0}, "--batch-size"),
+        ({"freeze": (100,)}, "--freeze 100: that freezes every layer with parameters"),
     ],
 )
 def test_refused_options_leave_no_run_folder(tiny, tmp_path, changes, message):

@@ -27,6 +27,7 @@ from detector.engine.state import TrainState, strip_optimizer
 from detector.engine.trainer import (
     Trainer,
     check_amp,
+    check_something_trains,
     epoch_seed,
     freeze_layers,
     frozen_layer_indices,
@@ -257,6 +258,15 @@ def test_freeze_keeps_frozen_batchnorm_statistics_fixed():
         changed = not torch.equal(value, after[name])
         assert changed == name.startswith("model.2."), name
     assert model.training and not model.model[0].training and model.model[2].training
+
+
+def test_a_freeze_that_leaves_nothing_to_train_is_refused():
+    model = Layered()  # 3 layers with parameters
+    for trains in [(2,), (0, 2), (1,)]:
+        check_something_trains(model, trains)
+    for nothing in [(3,), (100,), (0, 1, 2)]:
+        with pytest.raises(ConfigError, match=r"--freeze .*: that freezes every layer with parameters .*0-2"):
+            check_something_trains(model, nothing)
 
 
 def test_random_image_size_is_a_stride_multiple_in_range():
