@@ -17,16 +17,32 @@ def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = True)
     """The first free run folder of ``path``: runs/train/exp, then exp2, exp3, ...
 
     With ``exist_ok`` the given path is used as it is. The number after the stem is one more than the
-    highest taken, so removing exp2 never makes a new run reuse an older number in between.
+    highest taken, so removing exp2 never makes a new run reuse an older number in between. With ``mkdir`` the
+    folder is claimed by creating it, which only one process can do: runs started at the same moment (a shell
+    loop with ``&``) each get their own folder instead of writing into one.
     """
     path = Path(path)
-    if not exist_ok and path.exists():
-        pattern = re.compile(rf"^{re.escape(path.name)}(\d+)$")
-        taken = [int(m.group(1)) for p in path.parent.iterdir() if (m := pattern.match(p.name))]
-        path = path.with_name(f"{path.name}{max(taken, default=1) + 1}")
-    if mkdir:
-        path.mkdir(parents=True, exist_ok=True)
-    return path
+    if exist_ok:
+        if mkdir:
+            path.mkdir(parents=True, exist_ok=True)
+        return path
+    while True:
+        candidate = _next_free(path) if path.exists() or path.is_symlink() else path
+        if not mkdir:
+            return candidate
+        candidate.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            candidate.mkdir()
+        except FileExistsError:  # another process took it between the look and the claim: look again
+            continue
+        return candidate
+
+
+def _next_free(path: Path) -> Path:
+    """``path`` numbered one past the highest number taken among its siblings (exp -> exp2, exp7 -> exp8)."""
+    pattern = re.compile(rf"^{re.escape(path.name)}(\d+)$")
+    taken = [int(m.group(1)) for p in path.parent.iterdir() if (m := pattern.match(p.name))]
+    return path.with_name(f"{path.name}{max(taken, default=1) + 1}")
 
 
 def _umask() -> int:
