@@ -17,6 +17,7 @@ import numpy as np
 from detector.errors import DataError
 from detector.ops.boxes import xyxy2xywhn
 from detector.utils.drawing import crop_box, draw_detections
+from detector.utils.files import safe_file_name
 
 
 @dataclass
@@ -134,11 +135,13 @@ class Results:
         return [crop_box(image, box) for box in self.boxes]
 
     def save_crops(self, folder: str | Path, stem: str | None = None) -> list[Path]:
-        """Write each crop to ``folder/<class name>/<stem>_<k>.jpg`` and return the paths."""
+        """Write each crop to ``folder/<class name>/<stem>_<k>.jpg`` and return the paths (a class name that is no
+        safe folder name - 'a/b', '..' - is made one: :func:`~detector.utils.files.safe_file_name`)."""
         stem = stem or Path(self.path).stem + (f"_{self.frame}" if self.frame else "")
         paths = []
         for k, (crop, class_id) in enumerate(zip(self.crops(), self.class_ids, strict=True)):
-            path = Path(folder) / self.class_name(int(class_id)) / f"{stem}_{k}.jpg"
+            class_folder = safe_file_name(self.class_name(int(class_id)), f"class{int(class_id)}")
+            path = Path(folder) / class_folder / f"{stem}_{k}.jpg"
             write_image(path, crop)
             paths.append(path)
         return paths

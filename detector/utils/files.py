@@ -45,6 +45,17 @@ def _next_free(path: Path) -> Path:
     return path.with_name(f"{path.name}{max(taken, default=1) + 1}")
 
 
+_UNSAFE_IN_FILE_NAMES = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
+
+
+def safe_file_name(name: str, fallback: str) -> str:
+    """``name`` as one file or folder name on any OS: path separators, control characters and the characters Windows
+    forbids become '_', and a name that would still point elsewhere ('', '.', '..') becomes ``fallback``. Class names
+    come from checkpoints and dataset YAMLs: one named '../../x' must not write outside the run folder."""
+    cleaned = _UNSAFE_IN_FILE_NAMES.sub("_", name)
+    return fallback if cleaned in ("", ".", "..") else cleaned
+
+
 def _umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it: done once, at import, before any thread starts
     os.umask(mask)

@@ -89,6 +89,29 @@ def test_crops_and_their_files(tmp_path: Path) -> None:
     assert cv2.imread(str(paths[1])).shape == (80, 100, 3)
 
 
+def test_crops_of_classes_named_like_paths_stay_in_their_folder(tmp_path: Path) -> None:
+    """Class names come from checkpoints and dataset YAMLs; '../x' or 'a/b' must not become folders elsewhere."""
+    image = np.zeros((80, 100, 3), dtype=np.uint8)
+    names = ("../../escaped", "a/b", "..", "ok")
+    result = Results(
+        boxes=np.array([[10, 20, 50, 60]] * 4, dtype=np.float32),
+        confidences=np.full(4, 0.5, dtype=np.float32),
+        class_ids=np.arange(4),
+        names=names,
+        orig_shape=(80, 100),
+        path="im.jpg",
+        image=image,
+    )
+    paths = result.save_crops(tmp_path / "run" / "crops")
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
+        "run/crops/.._.._escaped/im_0.jpg",
+        "run/crops/a_b/im_1.jpg",
+        "run/crops/class2/im_2.jpg",
+        "run/crops/ok/im_3.jpg",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and all(p.is_file() for p in paths)
+
+
 def test_plot_without_image_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="needs the original image"):
         _results().plot()
