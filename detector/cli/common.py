@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import errno
 import gc
 import logging
 import sys
@@ -61,8 +62,13 @@ def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     return vars(parser.parse_args(argv))
 
 
+# errors of writing that name no file (a write() on a full disk): still the environment, not a bug
+_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
 def run_cli(main: Callable[[], int | None]) -> int:
-    """Run an entry point: user errors become one ``error:`` line and exit status 2, Ctrl-C exits 130."""
+    """Run an entry point: user errors, and the file system's refusals (a path that cannot be created, a full
+    disk), become one ``error:`` line and exit status 2; Ctrl-C exits 130."""
     setup_logging()
     # At exit the interpreter's garbage collections walk every object left (torch alone makes 0.3-0.4 s of that
     # on this CPU); freezing them first skips that walk. Objects are still freed, files closed and handlers
@@ -78,6 +84,12 @@ def run_cli(main: Callable[[], int | None]) -> int:
         if explained is None:
             raise
         print(f"error: {explained}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no (permissions, read-only, not a folder, disk full): its words
+        if not e.filename and e.errno not in _FULL_OR_READ_ONLY:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

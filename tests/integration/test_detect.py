@@ -324,6 +324,20 @@ def test_bad_sources_exit_nonzero_with_one_line(tmp_path: Path, tiny_weights: Pa
     assert "Traceback" not in run.stderr
 
 
+def test_a_project_folder_that_cannot_be_made_is_one_line(tmp_path: Path, tiny_weights: Path) -> None:
+    """--project under a plain file: the path and the system's reason (run_cli), no traceback."""
+    image = tmp_path / "im.jpg"
+    cv2.imwrite(str(image), np.full((64, 64, 3), 127, np.uint8))
+    (tmp_path / "file").write_text("not a folder")
+    project = tmp_path / "file" / "runs"
+    run = run_detect_script(
+        "--weights", str(tiny_weights), "--source", str(image), "--img", "64", "--project", str(project), cwd=tmp_path
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == f"error: {project}: Not a directory", run.stderr
+    assert "Traceback" not in run.stderr
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -69,3 +69,27 @@ def test_run_cli_prints_a_dead_loader_worker_as_one_line(capsys) -> None:
 
     with pytest.raises(RuntimeError, match="a bug"):
         run_cli(fails)
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (PermissionError(1, "Operation not permitted", "/sys/x"), "error: /sys/x: Operation not permitted"),
+        (OSError(28, "No space left on device"), "error: No space left on device"),
+    ],
+    ids=["path-refused", "disk-full"],
+)
+def test_the_file_systems_refusals_are_one_line(error: OSError, line: str, capsys: pytest.CaptureFixture[str]) -> None:
+    def command() -> None:
+        raise error
+
+    assert run_cli(command) == 2
+    assert capsys.readouterr().err.strip() == line
+
+
+def test_other_os_errors_are_not_hidden() -> None:
+    def command() -> None:
+        raise ConnectionResetError(104, "Connection reset by peer")  # no file: could be a bug, keep the traceback
+
+    with pytest.raises(ConnectionResetError):
+        run_cli(command)
