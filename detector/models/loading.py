@@ -26,6 +26,10 @@ from detector.utils.torch_utils import unwrap_model
 LOGGER = logging.getLogger(__name__)
 
 
+# what export.py writes: inference files, not checkpoints (no training state, BatchNorm folded)
+_EXPORT_SUFFIXES = {".onnx": "ONNX", ".torchscript": "TorchScript", ".engine": "TensorRT", ".xml": "OpenVINO"}
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", fuse: bool = False) -> DetectionModel:
     """A DetectionModel from a ``.pt`` file: ours (EMA weights when present) or a YOLOv5 release/training file.
 
@@ -35,6 +39,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", fuse: bool 
     Raises CheckpointError (one line naming the file) for a missing, unreadable, inconsistent or refused file.
     """
     path = resolve_release_weights(path)  # a bare 'yolov5s.pt' not on disk: YOLOv5's release file, fetched once
+    export_format = _EXPORT_SUFFIXES.get(path.suffix.lower()) or (
+        "OpenVINO" if path.name.endswith("_openvino_model") else ""
+    )
+    if export_format and path.exists():
+        raise CheckpointError(
+            f"{path}: {export_format} export (val.py and detect.py run it); this needs the .pt checkpoint it was "
+            "exported from"
+        )
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     try:

@@ -135,3 +135,18 @@ def test_missing_and_foreign_files_are_refused(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match="not a detector checkpoint"):
         load_model(tmp_path / "plain.pt")
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("m.onnx", "ONNX"), ("m.torchscript", "TorchScript"), ("m.engine", "TensorRT"), ("m_openvino_model", "OpenVINO")],
+)
+def test_an_export_given_for_a_checkpoint_is_named_as_one(tmp_path: Path, name: str, kind: str) -> None:
+    """train.py / export.py --weights m.onnx: say it is an export, not that the pickle has a bad load key."""
+    export = tmp_path / name
+    if name.endswith("_openvino_model"):
+        export.mkdir()
+    else:
+        export.write_bytes(b"\x08\x07 an export")
+    with pytest.raises(CheckpointError, match=rf"{name}: {kind} export .*needs the \.pt checkpoint it was exported"):
+        load_model(export)
