@@ -327,7 +327,7 @@ class BenchmarkConfig:
     imgsz: int = 640
     batch_size: int = 1  # exports' batch and validation batches: 1 times latency, larger batches throughput
     device: str = "cpu"
-    half: bool = False  # fp16 exports (the .pt is validated in fp32)
+    half: bool = False  # fp16 exports, validated with val.py's --half (the .pt reference in fp32)
     int8: bool = False  # int8 exports where the format has them (ONNX Runtime, OpenVINO), calibrated on --data
     include: tuple[str, ...] = ("torchscript", "onnx", "openvino")
     hard_fail: bool = False  # stop at the first format that fails (default: its row says why, the others go on)

@@ -35,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="export and validation batch: 1 times latency, more times throughput" + _default("batch_size"),
     )
     add("--device", type=str, help="cpu, or a CUDA device such as 0" + _default("device"))
-    add("--half", action="store_true", help="fp16 exports" + _default("half"))
+    add(
+        "--half",
+        action="store_true",
+        help="fp16 exports, each run as val.py --half runs it (OpenVINO in bf16 on CPUs with native bf16); "
+        "the .pt row stays fp32" + _default("half"),
+    )
     add(
         "--int8",
         action="store_true",

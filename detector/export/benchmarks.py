@@ -121,7 +121,8 @@ def _export_and_validate(
     except DetectorError as e:  # a skipped format ("nothing exported: X skipped (why)") or a failed export
         return BenchmarkRow(title, status=str(e).removeprefix("nothing exported: "))
     row = BenchmarkRow(title, result.precision, result.size_mb, export_s=result.seconds)
-    return _validated(row, result.path, val, name)
+    # run as val.py --half runs the file: an OpenVINO IR then computes in bf16 on a CPU with native bf16
+    return _validated(row, result.path, dataclasses.replace(val, half=config.half), name)
 
 
 def _validated(row: BenchmarkRow, weights: Path | None, val: ValConfig, label: str) -> BenchmarkRow:

@@ -63,6 +63,9 @@ class OpenVinoBackend(Backend):
         self.request = compiled.create_infer_request()
         self.output = compiled.output(0)
 
+    def __repr__(self) -> str:  # what it computes in: bf16 only when asked for (--half) on a CPU with native bf16
+        return f"{super().__repr__()[:-1]}, inference_precision={self.inference_precision!r})"
+
     def forward(self, images: Tensor) -> Tensor:
         # share_inputs: OpenVINO reads the array in place (it copies one that is not contiguous). The output is
         # already a copy the request will not overwrite (share_outputs is off), so it is wrapped, not copied again:

@@ -20,6 +20,7 @@ from detector.config import BenchmarkConfig
 from detector.data.dataset_config import load_dataset_config
 from detector.errors import ConfigError, DetectorError
 from detector.export.benchmarks import run_benchmarks
+from detector.utils.torch_utils import cpu_has_native_bf16
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
@@ -67,6 +68,28 @@ def test_every_format_is_exported_validated_and_timed(
     assert float(table[2]["map50_95"]) == pytest.approx(onnx.map50_95) and table[3]["status"] == tensorrt.status
     markdown = (save_dir / "benchmarks.md").read_text().splitlines()
     assert markdown[0].startswith("| format | precision |") and len(markdown) == 2 + len(rows)
+
+
+def test_half_runs_the_files_as_val_py_half_does(
+    tmp_path: Path, yolov5n_weights: Path, subset: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--half: the fp16 exports are validated with val.py's --half, so the OpenVINO IR computes in bf16 where the CPU
+    has it (as detect.py --half and val.py --half run it), not in f32; the .pt reference row stays fp32."""
+    config = BenchmarkConfig(
+        weights=str(yolov5n_weights),
+        data=str(subset),
+        imgsz=128,
+        include=("openvino",),
+        half=True,
+        project=str(tmp_path),
+    )
+    with caplog.at_level(logging.INFO, logger="detector"):
+        (pt, openvino), _ = run_benchmarks(config)
+    assert pt.precision == "fp32" and openvino.precision == "fp16 weights" and openvino.status == "ok"
+    validated = [m for m in caplog.messages if m.startswith("Validating ")]
+    assert validated[0].startswith("Validating PyTorchBackend") and "fp16=False" in validated[0]
+    expected = "bf16" if cpu_has_native_bf16() else "f32"
+    assert validated[1].startswith("Validating OpenVinoBackend") and f"inference_precision='{expected}'" in validated[1]
 
 
 def test_flags_and_errors(
