@@ -5,6 +5,7 @@ validated and timed, :mod:`detector.export.benchmarks`)."""
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in TASKS:
         print(f"usage: detector {{{','.join(TASKS)}}} [flags]   (detector TASK --help lists a task's flags)")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        if not argv or argv[0] in ("-h", "--help"):
+            return 0
+        close = difflib.get_close_matches(argv[0], TASKS, n=1)
+        print(f"error: unknown task {argv[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""), file=sys.stderr)
+        return 2
     module = importlib.import_module(f"detector.cli.{argv[0]}")
     return module.main(argv[1:])

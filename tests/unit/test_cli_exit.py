@@ -93,3 +93,12 @@ def test_other_os_errors_are_not_hidden() -> None:
 
     with pytest.raises(ConnectionResetError):
         run_cli(command)
+
+
+def test_detector_command_names_an_unknown_task(capsys: pytest.CaptureFixture[str]) -> None:
+    from detector.cli import main
+
+    assert main([]) == 0 and "usage: detector {train,val," in capsys.readouterr().out
+    assert main(["tran", "--epochs", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: unknown task 'tran'; did you mean 'train'?"
+    assert main(["xyz"]) == 2 and capsys.readouterr().err.strip() == "error: unknown task 'xyz'"
