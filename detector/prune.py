@@ -361,15 +361,19 @@ def prune_model(
     return _prune(model, ratio, min_channels, min_fraction)[:2]
 
 
-def _prune(
-    model: DetectionModel, ratio: float, min_channels: int, min_fraction: float
-) -> tuple[DetectionModel, dict[str, Any], tuple[int, int, float]]:
+def _check_options(ratio: float, min_channels: int, min_fraction: float) -> None:
     if not 0.0 <= ratio < 1.0:
         raise ConfigError(f"--ratio must be in [0, 1), got {ratio}")
     if min_channels < 1 or not 0.0 <= min_fraction <= 1.0:
         raise ConfigError(
             f"--min-channels must be >= 1 and --min-fraction in [0, 1], got {min_channels}, {min_fraction}"
         )
+
+
+def _prune(
+    model: DetectionModel, ratio: float, min_channels: int, min_fraction: float
+) -> tuple[DetectionModel, dict[str, Any], tuple[int, int, float]]:
+    _check_options(ratio, min_channels, min_fraction)
     check_prunable(model)
     plan = _Plan(model)
     selection = select_channels(plan, ratio, min_channels, min_fraction)
@@ -433,6 +437,7 @@ def prune_weights(
 ) -> tuple[Path, PruneReport]:
     """Prune ``weights`` (ours or YOLOv5's; EMA weights when present) and write ``pruned.pt`` and ``pruned.yaml``
     into ``out`` (default: a new runs/prune/exp*). Returns the checkpoint's path and the report (also logged)."""
+    _check_options(ratio, min_channels, min_fraction)  # before the model loads (seconds for a big one)
     model = load_model(weights)
     pruned, config, (channels, removed, threshold) = _prune(model, ratio, min_channels, min_fraction)
     before, after = model.info(imgsz), pruned.info(imgsz)

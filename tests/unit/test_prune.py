@@ -29,7 +29,7 @@ from detector.errors import ConfigError
 from detector.models.acnet import convert_to_acnet
 from detector.models.loading import checkpoint_model_entries, load_model
 from detector.models.yolo import DetectionModel
-from detector.prune import main, prune_model
+from detector.prune import main, prune_model, prune_weights
 from detector.utils.checkpoint import save_checkpoint
 
 
@@ -135,6 +135,8 @@ def test_global_threshold_with_a_minimum_per_layer() -> None:
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     with pytest.raises(ConfigError, match="ratio"):
         prune_model(model, 1.0)
+    with pytest.raises(ConfigError, match=r"--ratio must be in \[0, 1\), got 1.5"):  # before the weights are read
+        prune_weights("no/such/weights.pt", 1.5)
 
 
 def test_opaque_blocks_keep_their_channels_and_inputs() -> None:
