@@ -26,8 +26,22 @@ from detector.utils.torch_utils import unwrap_model
 LOGGER = logging.getLogger(__name__)
 
 
-# what export.py writes: inference files, not checkpoints (no training state, BatchNorm folded)
-_EXPORT_SUFFIXES = {".onnx": "ONNX", ".torchscript": "TorchScript", ".engine": "TensorRT", ".xml": "OpenVINO"}
+def _refuse_export(path: Path) -> None:
+    """CheckpointError for a file (or OpenVINO folder) that export.py wrote, by the export formats' own registry: an
+    inference file, not a checkpoint (no training state, BatchNorm folded). Checkpoints pass without importing the
+    export package."""
+    from detector.engine.backends import PYTORCH_SUFFIXES
+
+    if path.suffix.lower() in PYTORCH_SUFFIXES or not path.exists():
+        return
+    from detector.export.base import format_for_path  # the package registers every format on import
+
+    exported = format_for_path(path)
+    if exported is not None:
+        raise CheckpointError(
+            f"{path}: {exported.title} export (val.py and detect.py run it); this needs the .pt checkpoint it was "
+            "exported from"
+        )
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", fuse: bool = False) -> DetectionModel:
@@ -39,14 +53,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", fuse: bool 
     Raises CheckpointError (one line naming the file) for a missing, unreadable, inconsistent or refused file.
     """
     path = resolve_release_weights(path)  # a bare 'yolov5s.pt' not on disk: YOLOv5's release file, fetched once
-    export_format = _EXPORT_SUFFIXES.get(path.suffix.lower()) or (
-        "OpenVINO" if path.name.endswith("_openvino_model") else ""
-    )
-    if export_format and path.exists():
-        raise CheckpointError(
-            f"{path}: {export_format} export (val.py and detect.py run it); this needs the .pt checkpoint it was "
-            "exported from"
-        )
+    _refuse_export(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     try:
