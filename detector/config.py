@@ -718,6 +718,10 @@ _PROBABILITY_KEYS = (
 )
 
 
+# The largest --seed: NumPy takes unsigned 32-bit seeds, and each rank seeds with seed + 1 + rank.
+MAX_SEED = 2**31 - 1
+
+
 def check_train_config(config: TrainConfig) -> None:
     """One-line ConfigError for options that cannot work, before a run writes anything."""
     positive = {"epochs": config.epochs, "nbs": config.nbs, "imgsz": config.imgsz}
@@ -745,6 +749,8 @@ def check_train_config(config: TrainConfig) -> None:
         raise ConfigError("--sam-adaptive scales SAM's perturbation; it needs --sam RHO > 0 (ASAM: e.g. --sam 0.5)")
     if config.val_period < 1:
         raise ConfigError(f"--val-period: expected 1 (every epoch) or more, got {config.val_period}")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise ConfigError(f"--seed: expected 0 to {MAX_SEED} (NumPy's seeds are unsigned 32-bit), got {config.seed}")
     if config.lr_schedule == "plateau" and config.noval:
         raise ConfigError(
             "--lr-schedule plateau reacts to the validation fitness of every epoch; it cannot run with --noval"

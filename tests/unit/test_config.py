@@ -278,6 +278,18 @@ def test_label_smoothing_flag_and_old_top_level_key_are_aliases_of_the_hyp_key(t
         check_train_config(build_config(TrainConfig, ("x.yaml", {"hyp": {"label_smoothing": 1.0}})))
 
 
+@pytest.mark.parametrize("seed", [-1, 2**31, 2**40])
+def test_seed_outside_numpys_range_is_refused_before_the_run(seed: int) -> None:
+    """NumPy only takes seeds in [0, 2**32): --seed -1 used to fail with a traceback at the first epoch, after the
+    run folder was made. The largest accepted seed still seeds every rank (seed + 1 + rank)."""
+    with pytest.raises(ConfigError, match=r"--seed: expected 0 to 2147483647"):
+        check_train_config(TrainConfig(seed=seed))
+    check_train_config(TrainConfig(seed=2**31 - 1))
+    import numpy as np
+
+    np.random.seed(2**31 - 1 + 1 + 7)  # rank 7's seed: inside NumPy's range
+
+
 def test_ndjson_flags_are_aliases_of_logger_entries() -> None:
     """--ndjson-console / --ndjson-file (YOLOv5's flags) add the 'ndjson-console' / 'ndjson' trackers to --logger,
     once, after the ones given."""
