@@ -451,6 +451,8 @@ def _check_options(config: ValConfig) -> None:
         raise ConfigError(f"--imgsz: expected a positive number, got {config.imgsz}")
     if config.batch_size < 1:
         raise ConfigError(f"--batch-size: expected a positive number of images, got {config.batch_size}")
+    if config.workers < 0:  # train.py refuses it too; it used to mean 0 here
+        raise ConfigError(f"--workers: expected 0 or more, got {config.workers}")
     TileOptions.from_config(config)  # raises on invalid --tile* values
 
 

@@ -245,6 +245,7 @@ def test_study_and_speed_tasks(tmp_path: Path, subset_yaml: Path, yolov5n_ours: 
         (["--weights", "x.pt", "--conf-thres", "1.5"], "--conf-thres must be between 0 and 1, got 1.5"),
         (["--weights", "x.pt", "--img", "-5"], "--imgsz: expected a positive number, got -5"),
         (["--weights", "x.pt", "--batch-size", "0"], "--batch-size: expected a positive number of images, got 0"),
+        (["--weights", "x.pt", "--workers", "-2"], "--workers: expected 0 or more, got -2"),
     ],
 )
 def test_bad_input_is_one_line_error(flags: list[str], message: str) -> None:
