@@ -97,8 +97,9 @@ def open_source(source: SourceInput, vid_stride: int = 1) -> Source:
     Accepted: an image or video file; a folder (its images and videos, not recursive); a glob ('data/*.jpg',
     'data/**/*.png'); a .txt file listing one path per line; a webcam index (0 or "0"); an rtsp/rtmp/http(s)
     stream URL (an http(s) URL ending in an image or video suffix is read as that file); a .streams file listing
-    one URL or webcam index per line; an (H, W, 3) BGR uint8 array; a PIL image (any mode, EXIF orientation
-    applied); or a list mixing paths, arrays and PIL images.
+    one URL or webcam index per line; an (H, W, 3) BGR uint8 array (or a grey (H, W) one, converted as OpenCV
+    converts a grey file); a PIL image (any mode, EXIF orientation applied); or a list mixing
+    paths, arrays and PIL images.
     ``vid_stride`` keeps every n-th frame of videos and streams.
     """
     if not isinstance(vid_stride, int) or vid_stride < 1:
@@ -231,9 +232,15 @@ def _from_pil(image: Any) -> np.ndarray:
 
 
 def _check_array(image: np.ndarray, where: str) -> np.ndarray:
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) == 0:
-        raise DataError(f"{where}: expected an (H, W, 3) uint8 BGR image, got {image.dtype} array {image.shape}")
-    return image
+    """A uint8 image array as (H, W, 3) BGR: grey (H, W) or (H, W, 1) repeated into three channels, as OpenCV reads a
+    grey file; anything else refused in one line (four channels could be RGBA or BGRA: a guess would be wrong)."""
+    channels = image.shape[2] if image.ndim == 3 else 1
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or channels not in (1, 3) or min(image.shape[:2]) == 0:
+        raise DataError(
+            f"{where}: expected an (H, W, 3) uint8 BGR image or an (H, W) grey one, got {image.dtype} array "
+            f"{image.shape}"
+        )
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if channels == 1 else image
 
 
 def _check_media_suffix(path: Path, where: str = "") -> None:

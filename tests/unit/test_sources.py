@@ -142,8 +142,9 @@ def test_arrays_and_mixed_lists(tmp_path: Path) -> None:
     assert [f.path for f in frames] == ["image0", str(path)]
     np.testing.assert_array_equal(frames[1].image, image)
     assert frames[0].image is image  # arrays are used as they are, no copy
-    with pytest.raises(DataError, match=r"expected an \(H, W, 3\) uint8 BGR image"):
-        open_source(image.astype(np.float32))
+    for bad in (image.astype(np.float32), np.dstack((image, image[:, :, :1])), image.transpose(2, 0, 1)):
+        with pytest.raises(DataError, match=r"expected an \(H, W, 3\) uint8 BGR image or an \(H, W\) grey one"):
+            open_source(bad)
     with pytest.raises(DataError, match="vid-stride"):
         open_source(image, vid_stride=0)
 
@@ -198,6 +199,16 @@ def test_image_url_is_downloaded_into_memory(tmp_path: Path) -> None:
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+
+def test_grey_arrays_become_what_opencv_reads_from_a_grey_file(tmp_path: Path) -> None:
+    """A camera's grey frame, (H, W) or (H, W, 1), is taken as OpenCV's colour read of the same grey PNG."""
+    grey = _image(5)[:, :, 1].copy()
+    cv2.imwrite(str(tmp_path / "grey.png"), grey)
+    from_file, flat, single_channel = _frames(open_source([tmp_path / "grey.png", grey, grey[:, :, None]]))
+    assert from_file.image.shape == (*grey.shape, 3)
+    np.testing.assert_array_equal(flat.image, from_file.image)
+    np.testing.assert_array_equal(single_channel.image, from_file.image)
 
 
 def test_pil_images_become_upright_bgr_arrays_as_their_files_read(tmp_path: Path) -> None:
