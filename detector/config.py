@@ -791,6 +791,11 @@ def check_train_config(config: TrainConfig) -> None:
     if config.class_balanced and (config.image_weights or config.rect):
         other = "--image-weights" if config.image_weights else "--rect (its batches follow the image order)"
         raise ConfigError(f"--class-balanced chooses which images are drawn; it cannot be combined with {other}")
+    if config.image_weights and config.rect:
+        raise ConfigError(
+            "--image-weights draws images at random; it cannot be combined with --rect (its batches are images of "
+            "one shape, in order)"
+        )
     if config.train_tile < 0:
         raise ConfigError(f"--train-tile: expected a tile size in pixels (0 = whole images), got {config.train_tile}")
     if config.train_tile and config.rect:

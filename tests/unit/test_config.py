@@ -263,6 +263,15 @@ def test_class_balanced_is_a_fraction_and_one_sampling_scheme():
         check_train_config(TrainConfig(class_balanced=0.1, rect=True))
 
 
+def test_image_weights_with_rect_is_refused_before_the_run() -> None:
+    """Rectangular batches are consecutive images of one shape group; image weights draw images at random, so a
+    batch mixed shapes and the first collation failed with NumPy's 'all input arrays must have the same shape'."""
+    check_train_config(TrainConfig(image_weights=True))
+    check_train_config(TrainConfig(rect=True))
+    with pytest.raises(ConfigError, match=r"--image-weights draws images at random; it cannot be combined with --rect"):
+        check_train_config(TrainConfig(image_weights=True, rect=True))
+
+
 def test_label_smoothing_flag_and_old_top_level_key_are_aliases_of_the_hyp_key(tmp_path: Path) -> None:
     """--label-smoothing (YOLOv5's flag, and the top-level key of earlier configs and checkpoints) sets
     hyp.label_smoothing, which is what the loss reads; a flag > 0 wins over a --hyp file, as flags do."""
