@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -370,6 +371,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
+    except UnicodeDecodeError as e:
+        byte = f"byte {e.start} is {e.object[e.start]:#04x}"
+        raise ConfigError(f"{path}: not a YAML file (not UTF-8 text: {byte})") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -491,13 +495,18 @@ def load_hyp(path: str | Path) -> Hyperparameters:
 
 
 def resolve_config_path(name: str | Path, folder: Path) -> Path:
-    """A path as given if it exists, else the file of that name in ``folder`` (e.g. configs/models/yolov5s.yaml)."""
+    """A path as given if it exists, else the file of that name in ``folder`` (e.g. configs/models/yolov5s.yaml), as
+    YOLOv5's ``data/hyps/hyp.scratch-low.yaml`` finds ours. A path to a folder is refused, not taken for the shipped
+    YAML of its name (a dataset folder ``~/data/VOC`` would have started data/VOC.yaml's download); a bare name
+    (``coco128``) still means the shipped file when a folder of that name lies in the working directory."""
     path = Path(name)
     if path.is_file():
         return path
-    for candidate in (folder / path.name, folder / f"{path.name}.yaml"):
-        if candidate.is_file():
-            return candidate
+    shipped = next((c for c in (folder / path.name, folder / f"{path.name}.yaml") if c.is_file()), None)
+    if path.is_dir() and (shipped is None or any(sep in str(name) for sep in ("/", os.sep))):
+        raise ConfigError(f"{name}: a folder, not a YAML file (a path to one, or a name in {folder})")
+    if shipped is not None:
+        return shipped
     known = sorted(p.name for p in folder.glob("*.yaml")) if folder.is_dir() else []
     hint = difflib.get_close_matches(path.name, known, n=1)
     suggestion = f"; did you mean '{hint[0]}'?" if hint else ""

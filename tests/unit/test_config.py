@@ -10,6 +10,7 @@ import yaml
 
 from detector.config import (
     CONFIG_DIR,
+    DATA_CONFIG_DIR,
     HYP_CONFIG_DIR,
     DetectConfig,
     ExportConfig,
@@ -22,6 +23,7 @@ from detector.config import (
     config_to_dict,
     load_hyp,
     load_yaml,
+    resolve_config_path,
     resolve_train_config,
     save_config,
 )
@@ -208,6 +210,28 @@ def test_hyp_file_has_yolov5_keys_and_values(name: str) -> None:
         assert getattr(hyp, key) == pytest.approx(value), key
     # Keys absent from YOLOv5's files keep our defaults.
     assert hyp.mosaic9 == 0.0 and hyp.anchors == 0.0
+
+
+def test_a_folder_path_is_refused_not_taken_for_the_shipped_yaml_of_its_name(tmp_path: Path, monkeypatch) -> None:
+    """--data ~/datasets/coco128 (a folder) used to resolve to data/coco128.yaml by its name; a bare name still
+    means the shipped file even when the working directory holds a folder of that name."""
+    folder = tmp_path / "coco128"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=r"coco128: a folder, not a YAML file \(a path to one, or a name in "):
+        resolve_config_path(folder, DATA_CONFIG_DIR)
+    with pytest.raises(ConfigError, match="a folder, not a YAML file"):
+        resolve_config_path(tmp_path, DATA_CONFIG_DIR)  # no shipped YAML of that name either
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_path("coco128", DATA_CONFIG_DIR) == DATA_CONFIG_DIR / "coco128.yaml"
+    with pytest.raises(ConfigError, match="a folder, not a YAML file"):
+        resolve_config_path("./coco128/", DATA_CONFIG_DIR)
+
+
+def test_a_binary_file_is_one_line_error_not_a_decode_traceback(tmp_path: Path) -> None:
+    image = tmp_path / "bus.jpg"
+    image.write_bytes(b"\xff\xd8\xff\xe0" + bytes(64))
+    with pytest.raises(ConfigError, match=r"bus.jpg: not a YAML file \(not UTF-8 text: byte 0 is 0xff\)"):
+        load_yaml(image)
 
 
 def test_load_hyp_accepts_a_path_and_rejects_typos(tmp_path: Path) -> None:
