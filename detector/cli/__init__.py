@@ -10,6 +10,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from detector.cli.common import console_task
+
 TASKS = ("train", "val", "detect", "export", "benchmarks", "download", "convert", "prune")
 
 
@@ -23,4 +25,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown task {argv[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""), file=sys.stderr)
         return 2
     module = importlib.import_module(f"detector.cli.{argv[0]}")
-    return module.main(argv[1:])
+    with console_task(argv[0]):
+        return module.main(argv[1:])

@@ -8,7 +8,9 @@ import errno
 import gc
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from detector.errors import DetectorError, LoaderWorkerError
@@ -18,6 +20,26 @@ LOGGER = logging.getLogger("detector")
 
 # --cache-dir's help, the same in train.py and val.py.
 CACHE_DIR_HELP = "folder for label caches ('' = beside the labels, or the user cache folder when that is not writable)"
+
+
+# the task the ``detector`` console command is running, so that usage lines read "detector train", not "train.py"
+_CONSOLE_TASK: ContextVar[str | None] = ContextVar("console_task", default=None)
+
+
+@contextmanager
+def console_task(task: str) -> Iterator[None]:
+    """While ``detector TASK`` runs the task: its usage line and errors name ``detector TASK``."""
+    token = _CONSOLE_TASK.set(task)
+    try:
+        yield
+    finally:
+        _CONSOLE_TASK.reset(token)
+
+
+def program(script: str) -> str:
+    """A parser's ``prog``: ``detector TASK`` under the console command, else ``script`` (``train.py``, ...)."""
+    task = _CONSOLE_TASK.get()
+    return f"detector {task}" if task else script
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -50,7 +72,7 @@ def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
     argparse's own defaults are suppressed here.
     """
     return argparse.ArgumentParser(
-        prog=prog,
+        prog=program(prog),
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,

@@ -6,7 +6,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from detector.cli.common import run_cli
+from detector.cli.common import program, run_cli
 
 LOGGER = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m detector.cli.convert",
+        prog=program("python -m detector.cli.convert"),
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

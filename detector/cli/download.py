@@ -10,7 +10,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from detector.cli.common import run_cli
+from detector.cli.common import program, run_cli
 
 LOGGER = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m detector.cli.download",
+        prog=program("python -m detector.cli.download"),
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from detector.cli.common import run_cli
+from detector.cli.common import program, run_cli
 from detector.prune import MIN_CHANNELS, MIN_FRACTION
 
 DESCRIPTION = """\
@@ -25,7 +25,9 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m detector.prune", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=program("python -m detector.prune"),
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--weights", required=True, help="weights to prune: our .pt (EMA weights when present) or YOLOv5's"

@@ -98,9 +98,8 @@ def open_source(source: SourceInput, vid_stride: int = 1) -> Source:
     'data/**/*.png'); a .txt file listing one path per line; a webcam index (0 or "0"); an rtsp/rtmp/http(s)
     stream URL (an http(s) URL ending in an image or video suffix is read as that file); a .streams file listing
     one URL or webcam index per line; an (H, W, 3) BGR uint8 array (or a grey (H, W) one, converted as OpenCV
-    converts a grey file); a PIL image (any mode, EXIF orientation applied); or a list mixing
-    paths, arrays and PIL images.
-    ``vid_stride`` keeps every n-th frame of videos and streams.
+    converts a grey file); a PIL image (any mode, EXIF orientation applied); or a list mixing paths, arrays and
+    PIL images. ``vid_stride`` keeps every n-th frame of videos and streams.
     """
     if not isinstance(vid_stride, int) or vid_stride < 1:
         raise DataError(f"--vid-stride must be a positive integer, got {vid_stride!r}")

@@ -102,3 +102,16 @@ def test_detector_command_names_an_unknown_task(capsys: pytest.CaptureFixture[st
     assert main(["tran", "--epochs", "1"]) == 2
     assert capsys.readouterr().err.strip() == "error: unknown task 'tran'; did you mean 'train'?"
     assert main(["xyz"]) == 2 and capsys.readouterr().err.strip() == "error: unknown task 'xyz'"
+
+
+@pytest.mark.parametrize("task", ["train", "convert", "prune"])
+def test_detector_command_names_itself_in_a_tasks_usage(task: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``detector TASK --help`` says ``usage: detector TASK``; the scripts keep their own names afterwards."""
+    from detector.cli import main
+    from detector.cli.train import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([task, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: detector {task} [-h]")
+    assert build_parser().prog == "train.py"
