@@ -29,7 +29,15 @@ from detector.engine.backends import (
 )
 from detector.errors import CheckpointError, ConfigError, ExportError
 from detector.export.base import INPUT_NAME, ExportContext, Format, RawOutput, quiet_tracing, register_format
-from detector.export.int8 import IMAGE_LEVELS, calibration_images, calibration_inputs, split_graph
+from detector.export.int8 import (
+    GPTQ_IMAGES,
+    IMAGE_LEVELS,
+    calibration_images,
+    calibration_inputs,
+    conv_input_moments,
+    gptq_round,
+    split_graph,
+)
 from detector.export.metadata import decode_metadata_value, nms_metadata
 from detector.export.nms import NMS_OUTPUT_NAMES, NMSModel
 from detector.models.head import Detect
@@ -289,6 +297,9 @@ def quantize_onnx(source: Path, ctx: ExportContext) -> Any:
     since SiLU maps everything below it to within 0.015 of zero: the 256 levels then cover the part of the range
     that reaches the next layer, in steps up to 4x finer (:func:`_floor_silu_inputs`). yolov5n at 640 on coco128:
     mAP50-95 0.347 -> 0.354 rectangular, 0.348 -> 0.351 square (as written: 0.343 -> 0.352, 0.345 -> 0.352).
+
+    The int8 weights are then re-rounded by GPTQ on the first :data:`~detector.export.int8.GPTQ_IMAGES` calibration
+    images (:func:`_round_weights_by_gptq`).
     """
     import numpy as np
     import onnx
@@ -299,7 +310,8 @@ def quantize_onnx(source: Path, ctx: ExportContext) -> Any:
     # ONNX Runtime's recommended preparation: shape inference and its basic graph optimizations (constant folding;
     # Identity nodes removed - torch's exporter feeds identical biases, e.g. of an untrained model, through them)
     quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-    graph = onnx.load(str(prepared), load_external_data=False).graph
+    prepared_model = onnx.load(str(prepared))
+    graph = prepared_model.graph
     producers = {output: node.name for node in graph.node for output in node.output}
     inputs_of = {node.name: [producers[i] for i in node.input if i in producers] for node in graph.node}
     split = split_graph(inputs_of, [node.name for node in graph.node if node.op_type == "Conv"])
@@ -333,6 +345,7 @@ def quantize_onnx(source: Path, ctx: ExportContext) -> Any:
         prepared.unlink(missing_ok=True)
         quantized_file.unlink(missing_ok=True)
     _floor_silu_inputs(quantized.graph, _silu_inputs(graph))
+    _round_weights_by_gptq(quantized.graph, prepared_model, calibration_inputs(ctx, images[:GPTQ_IMAGES]))
     return quantized
 
 
@@ -389,6 +402,68 @@ def _floor_silu_inputs(graph: Any, tensors: Sequence[str]) -> None:
         zero_point, scale = compute_scale_zp(floor, high.astype(np.float32), qmin, qmax)
         initializers[scale_name].CopyFrom(numpy_helper.from_array(scale.astype(np.float32), scale_name))
         initializers[zero_point_name].CopyFrom(numpy_helper.from_array(zero_point.astype(qmin.dtype), zero_point_name))
+
+
+def _round_weights_by_gptq(graph: Any, float_model: Any, inputs: Iterator[Any]) -> None:
+    """Re-round the int8 weights of ``graph``'s quantized convolutions by GPTQ (:func:`detector.export.int8.
+    gptq_round`), each weighed by its inputs' second moments in ``float_model`` (the graph before quantization)
+    on ``inputs``; ONNX Runtime's per-channel scales, and so the biases' int32 scales, stay as they are.
+
+    yolov5n at 640 on coco128 (ONNX Runtime on a VNNI CPU, rectangular batches): the mean |error| of the
+    confident anchors' scores against fp32 falls by a tenth (0.0237 -> 0.0209-0.0214 over five image sets) and
+    mAP50-95 rises from 0.353 to 0.356-0.360. Convolutions with groups, asymmetric padding or weights with a zero
+    point keep ONNX Runtime's rounding.
+    """
+    import numpy as np
+    import onnxruntime
+    from onnx import helper, numpy_helper
+
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    dequantizers = {node.output[0]: node for node in graph.node if node.op_type == "DequantizeLinear"}
+    float_convolutions = {node.name: node for node in float_model.graph.node if node.op_type == "Conv"}
+    float_weights = {tensor.name: tensor for tensor in float_model.graph.initializer}
+    targets = {}  # convolution -> (its float input, float weight, int8 weight, scale, conv parameters)
+    for node in graph.node:
+        weight_dequantizer = dequantizers.get(node.input[1]) if node.op_type == "Conv" else None
+        if weight_dequantizer is None or node.name not in float_convolutions:
+            continue
+        quantized_name, scale_name, zero_point_name = weight_dequantizer.input[:3]
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        pads = list(attributes.get("pads", [0, 0, 0, 0]))
+        if (
+            attributes.get("group", 1) != 1
+            or pads[:2] != pads[2:]
+            or np.any(numpy_helper.to_array(initializers[zero_point_name]) != 0)
+        ):
+            continue
+        kernel = numpy_helper.to_array(initializers[quantized_name]).shape[2:]
+        parameters = (kernel, attributes.get("strides", [1, 1]), pads[:2], attributes.get("dilations", [1, 1]))
+        float_conv = float_convolutions[node.name]
+        targets[node.name] = (float_conv.input[0], float_conv.input[1], quantized_name, scale_name, parameters)
+    if not targets:
+        return
+    probe = copy.deepcopy(float_model)  # the float graph, with every quantized convolution's input as an output
+    conv_inputs = sorted({target[0] for target in targets.values()})
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in conv_inputs)
+    session = onnxruntime.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    moments: dict[str, Any] = {}
+    count = 0
+    for image in inputs:
+        count += 1
+        values = dict(zip(conv_inputs, session.run(conv_inputs, {INPUT_NAME: image}), strict=True))
+        for name, (input_name, *_, parameters) in targets.items():
+            moment = conv_input_moments(torch.from_numpy(values[input_name]), *parameters)
+            moments[name] = moments[name] + moment if name in moments else moment
+    if not moments:  # no calibration image: ONNX Runtime's rounding stays
+        return
+    for name, (_, weight_name, quantized_name, scale_name, _) in targets.items():
+        old = numpy_helper.to_array(initializers[quantized_name])
+        weight = torch.from_numpy(numpy_helper.to_array(float_weights[weight_name]).reshape(len(old), -1).copy())
+        scale = torch.from_numpy(numpy_helper.to_array(initializers[scale_name]).copy())
+        rounded = gptq_round(weight, moments[name], scale, qmax=int(np.abs(old).max()))
+        new = rounded.numpy().astype(old.dtype).reshape(old.shape)
+        initializers[quantized_name].CopyFrom(numpy_helper.from_array(new, quantized_name))
+    LOGGER.info(f"ONNX: int8 weights of {len(targets)} convolutions rounded by GPTQ on {count} calibration images")
 
 
 def _image_convolution_weights(graph: Any) -> list[str]:
