@@ -105,11 +105,11 @@ def conv_input_moments(
     dilation: Sequence[int],
     max_elements: int = 1 << 23,
 ) -> Tensor:
-    """``U @ U.T`` (float64) over the patches ``U`` (``C * kh * kw`` rows, one column per output position and
-    image) that a convolution with these parameters reads from ``x`` (N, C, H, W): the second moments of its
-    inputs, which weigh the rounding error of its weights. Computed in stripes of output rows, so no more than
-    about ``max_elements`` patch values exist at once however large the map."""
-    x = F.pad(x.double(), (padding[1], padding[1], padding[0], padding[0]))
+    """``U @ U.T`` over the patches ``U`` (``C * kh * kw`` rows, one column per output position and image) that a
+    convolution with these parameters reads from ``x`` (N, C, H, W): the second moments of its inputs, which weigh
+    the rounding error of its weights. Computed in stripes of output rows, so no more than about ``max_elements``
+    patch values exist at once however large the map; float32 products, summed in float64."""
+    x = F.pad(x.float(), (padding[1], padding[1], padding[0], padding[0]))
     rows = 1 + (x.shape[2] - dilation[0] * (kernel[0] - 1) - 1) // stride[0]
     columns = 1 + (x.shape[3] - dilation[1] * (kernel[1] - 1) - 1) // stride[1]
     patch = x.shape[1] * kernel[0] * kernel[1]
@@ -120,7 +120,7 @@ def conv_input_moments(
         stripe = x[:, :, first * stride[0] : (last - 1) * stride[0] + dilation[0] * (kernel[0] - 1) + 1]
         patches = F.unfold(stripe, kernel, dilation=dilation, stride=stride)  # (N, patch, positions)
         patches = patches.transpose(0, 1).reshape(patch, -1)
-        moments += patches @ patches.T
+        moments += (patches @ patches.T).double()
     return moments
 
 

@@ -30,7 +30,7 @@ def test_conv_input_moments_weigh_a_convolutions_output_energy(kernel, stride, p
     for max_elements in (1, 1 << 23):
         moments = conv_input_moments(x, kernel, stride, padding, dilation, max_elements=max_elements)
         assert moments.shape == (flat.shape[1],) * 2
-        assert float(((flat @ moments) * flat).sum()) == pytest.approx(energy, rel=1e-10)
+        assert float(((flat @ moments) * flat).sum()) == pytest.approx(energy, rel=1e-5)  # float32 products
 
 
 def test_gptq_moves_a_rounding_error_onto_a_correlated_input() -> None:
