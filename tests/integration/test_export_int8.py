@@ -290,3 +290,38 @@ def test_onnx_int8_of_yolov5n_quantizes_silu_inputs_from_the_floor_up(yolov5n_in
         assert low >= SILU_INPUT_FLOOR - scale  # the zero point rounds the floor by less than a step
         floored += abs(low - SILU_INPUT_FLOOR) <= scale
     assert floored >= 20  # 35 of the 57 calibrated below -6 at 320
+
+
+def test_onnx_int8_weights_are_gptq_rounded_except_where_gptq_does_not_apply(tiny: dict, tmp_path: Path) -> None:
+    """The trunk's ordinary convolutions get GPTQ's weights (not each one's nearest step: some differ, by a step
+    or so, and all stay within [-127, 127]); a grouped convolution keeps ONNX Runtime's round-to-nearest. The
+    float weights come from the fused PyTorch model, the steps from the file's own per-channel scales."""
+    backbone = [list(layer) for layer in yolov5_blocks_yaml()["backbone"]]
+    backbone[1] = [-1, 1, "DWConv", [128, 3, 2]]  # 8 -> 16 channels in 8 groups at this width
+    torch.manual_seed(0)
+    model = DetectionModel(yolov5_blocks_yaml(backbone=backbone)).eval()
+    path = export(model, include=("onnx",), imgsz=IMGSZ, int8=True, data=tiny["data"], project=str(tmp_path))["onnx"]
+    fused = {
+        name: module.weight.detach().numpy()
+        for name, module in model.fuse().named_modules()
+        if isinstance(module, nn.Conv2d) and module not in model.detect.m
+    }
+    graph = onnx.load(str(path)).graph
+    initializers = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    moved, grouped = [], []
+    for node in graph.node:
+        if node.op_type != "Conv" or node.input[1] not in producers:
+            continue  # the head's float convolutions
+        levels_name, scale_name = producers[node.input[1]].input[:2]
+        levels, scale = initializers[levels_name], initializers[scale_name]
+        # the initializer "model.model.1.conv.weight_quantized" holds the fused weights of module "model.1.conv"
+        weight = fused[levels_name.removeprefix("model.").removesuffix(".weight_quantized")]
+        nearest = np.clip(np.round(weight / scale[:, None, None, None]), -127, 127)
+        if any(a.name == "group" and a.i > 1 for a in node.attribute):
+            grouped.append(np.array_equal(levels, nearest))
+        else:
+            assert np.abs(levels).max() <= 127 and np.abs(levels - nearest).max() <= 4
+            moved.append(float((levels != nearest).mean()))
+    assert grouped == [True]
+    assert len(moved) > 5 and max(moved) > 0.05  # GPTQ moved weights off their nearest step
