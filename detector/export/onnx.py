@@ -412,7 +412,8 @@ def _round_weights_by_gptq(graph: Any, float_model: Any, inputs: Iterator[Any]) 
     yolov5n at 640 on coco128 (ONNX Runtime on a VNNI CPU, rectangular batches), four calibration sets each
     exported both ways: the mean |error| of the confident anchors' scores against fp32 falls by 11-16% in each
     (mean 0.0237 -> 0.0205) and mAP50-95 rises in each (mean 0.350 -> 0.3575; fp32 0.370). Convolutions with
-    groups, asymmetric padding or weights with a zero point keep ONNX Runtime's rounding.
+    groups, asymmetric or automatic padding, weights with a zero point or weights computed in the graph keep ONNX
+    Runtime's rounding.
     """
     import numpy as np
     import onnxruntime
@@ -427,18 +428,22 @@ def _round_weights_by_gptq(graph: Any, float_model: Any, inputs: Iterator[Any]) 
         weight_dequantizer = dequantizers.get(node.input[1]) if node.op_type == "Conv" else None
         if weight_dequantizer is None or node.name not in float_convolutions:
             continue
-        quantized_name, scale_name, zero_point_name = weight_dequantizer.input[:3]
+        quantized_name, scale_name = weight_dequantizer.input[:2]
+        zero_point_name = weight_dequantizer.input[2] if len(weight_dequantizer.input) > 2 else ""
+        float_conv = float_convolutions[node.name]
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         pads = list(attributes.get("pads", [0, 0, 0, 0]))
         if (
             attributes.get("group", 1) != 1
+            or attributes.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+            or len(pads) != 4
             or pads[:2] != pads[2:]
-            or np.any(numpy_helper.to_array(initializers[zero_point_name]) != 0)
+            or float_conv.input[1] not in float_weights
+            or (zero_point_name and np.any(numpy_helper.to_array(initializers[zero_point_name]) != 0))
         ):
             continue
         kernel = numpy_helper.to_array(initializers[quantized_name]).shape[2:]
         parameters = (kernel, attributes.get("strides", [1, 1]), pads[:2], attributes.get("dilations", [1, 1]))
-        float_conv = float_convolutions[node.name]
         targets[node.name] = (float_conv.input[0], float_conv.input[1], quantized_name, scale_name, parameters)
     if not targets:
         return
