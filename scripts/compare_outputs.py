@@ -60,8 +60,9 @@ def prediction_errors(reference: Tensor, candidate: Tensor, min_score: float) ->
             f"the models predict different shapes on the same input: {tuple(reference.shape)} and "
             f"{tuple(candidate.shape)} (same anchors and classes needed, no NMS in the graph)"
         )
-    kept = scores(reference) > min_score
-    score_difference = (scores(reference) - scores(candidate)).abs()[kept]
+    reference_scores = scores(reference)
+    kept = reference_scores > min_score
+    score_difference = (reference_scores - scores(candidate)).abs()[kept]
     box_difference = (reference[..., :4] - candidate[..., :4]).abs().mean(-1)[kept]
     return {
         "anchors": float(kept.sum()),
@@ -86,11 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.img <= 0 or args.limit <= 0 or not 0 <= args.min_score < 1:
         raise ConfigError("--img and --limit must be positive and --min-score in [0, 1)")
-    import numpy as np
-
-    from detector.data.augment import letterbox
     from detector.engine.backends import load_backend
-    from detector.export.base import validation_images
+    from detector.export.base import letterboxed_input, validation_images
 
     reference = load_backend(args.reference, args.device)
     candidate = load_backend(args.candidate, args.device, half=args.half)
@@ -103,8 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     totals = {"anchors": 0.0, "score": 0.0, "box": 0.0, "max_score": 0.0}
     images = validation_images(args.data, args.limit)
     for image in images:
-        boxed, _ = letterbox(image, (args.img, args.img), stride=stride, auto=False)
-        batch = torch.from_numpy(np.ascontiguousarray(boxed[..., ::-1].transpose(2, 0, 1)))[None].float() / 255
+        batch = torch.from_numpy(letterboxed_input(image, (args.img, args.img), stride))[None]
         errors = prediction_errors(reference(batch).cpu(), candidate(batch).cpu(), args.min_score)
         totals = {
             key: max(totals[key], value) if key == "max_score" else totals[key] + value for key, value in errors.items()

@@ -269,10 +269,7 @@ class ExportContext:
 
     def letterboxed(self, image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """A BGR uint8 image -> (3, H, W) float32 RGB 0-1, letterboxed to ``size`` (height, width) as val.py does."""
-        from detector.data.augment import letterbox
-
-        image, _ = letterbox(image, size, stride=self.max_stride, auto=False)
-        return np.ascontiguousarray(image[..., ::-1].transpose(2, 0, 1)).astype(np.float32) / 255
+        return letterboxed_input(image, size, self.max_stride)
 
     @torch.inference_mode()
     def torch_predictions(self, images: Tensor, half: bool = False) -> Tensor:
@@ -299,6 +296,15 @@ class ExportContext:
             write_onnx(self, path, flavor=flavor, half=half, simplify=False, for_openvino=for_openvino)
             self._onnx_files[key] = path
         return self._onnx_files[key]
+
+
+def letterboxed_input(image: np.ndarray, size: tuple[int, int], stride: int) -> np.ndarray:
+    """A BGR uint8 image -> (3, H, W) float32 RGB 0-1 network input, letterboxed to ``size`` (height, width) as
+    val.py does (padding to exactly ``size``; ``stride`` as the letterbox takes it)."""
+    from detector.data.augment import letterbox
+
+    image, _ = letterbox(image, size, stride=stride, auto=False)
+    return np.ascontiguousarray(image[..., ::-1].transpose(2, 0, 1)).astype(np.float32) / 255
 
 
 def validation_images(data: str, limit: int) -> list[np.ndarray]:
