@@ -84,9 +84,28 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA, or the older DNNL_MAX_CPU_ISA) below which it has no bfloat16
+# dot products and emulates them: torch's and OpenVINO's oneDNN both read the variable
+_ISA_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def onednn_isa_cap() -> str:
+    """The instruction-set cap the user set for oneDNN (``ONEDNN_MAX_CPU_ISA``, else ``DNNL_MAX_CPU_ISA``),
+    upper-case, or "" when none is set."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = os.environ.get(name, "").strip().upper()
+        if value:
+            return value
+    return ""
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): there bf16 convolutions run about twice as
-    fast as fp32; elsewhere oneDNN emulates bf16, which measured 10x slower than fp32 for yolov5n training."""
+    fast as fp32; elsewhere oneDNN emulates bf16, which measured 10x slower than fp32 for yolov5n training. A
+    ``ONEDNN_MAX_CPU_ISA`` cap below AVX512_CORE_BF16 takes the native instructions away (OpenVINO's bf16 yolov5n at
+    640 ran 5.5x slower under AVX512_CORE_VNNI on an AMX Xeon), so it counts as none."""
+    if onednn_isa_cap() in _ISA_CAPS_WITHOUT_BF16:
+        return False
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -310,13 +313,41 @@ def test_resolve_amp_modes():
         resolve_amp("fp16", cpu)
 
 
-def test_amp_auto_on_cpu_is_bf16_exactly_where_the_cpu_has_native_bf16():
+def test_amp_auto_on_cpu_is_bf16_exactly_where_the_cpu_has_native_bf16(monkeypatch):
     flags = cpuinfo_flags()
     if flags is None:
         pytest.skip("needs /proc/cpuinfo")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     native = bool({"avx512_bf16", "amx_tile"} & flags)
     assert cpu_has_native_bf16() == native
     assert resolve_amp("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
+
+
+_ONEDNN_ISA_PROBE = """
+import torch
+from detector.utils.torch_utils import cpu_has_native_bf16
+conv = torch.nn.Conv2d(64, 64, 3).to(memory_format=torch.channels_last)  # small ones skip oneDNN
+with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+    conv(torch.rand(1, 64, 64, 64).to(memory_format=torch.channels_last))
+print("native:", cpu_has_native_bf16())
+"""
+
+
+@pytest.mark.parametrize("cap", ["", "AVX512_CORE_VNNI", "AVX2"])
+def test_native_bf16_is_what_onednn_says_it_dispatches_under_an_isa_cap(cap):
+    """oneDNN's own verbose line names the instruction set it dispatches to ("... with bfloat16 support" where it
+    has native bf16); cpu_has_native_bf16 must agree with it, also when ONEDNN_MAX_CPU_ISA caps it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    if cap:
+        env["ONEDNN_MAX_CPU_ISA"] = cap
+    result = subprocess.run(
+        [sys.executable, "-c", _ONEDNN_ISA_PROBE], env=env, capture_output=True, text=True, timeout=120, check=True
+    )
+    isa = [line for line in result.stdout.splitlines() if ",info,cpu,isa:" in line]
+    if not isa:
+        pytest.skip("this torch build prints no oneDNN ISA line")
+    assert f"native: {'bfloat16' in isa[0]}" in result.stdout, (isa[0], result.stdout[-200:])
 
 
 class AutocastSensitive(nn.Module):
