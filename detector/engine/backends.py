@@ -32,7 +32,7 @@ from detector.errors import CheckpointError, ConfigError
 from detector.models.release import resolve_release_weights
 from detector.models.yolo import augmented_forward
 from detector.ops.nms import non_max_suppression
-from detector.utils.torch_utils import half_precision_dtype, select_device
+from detector.utils.torch_utils import half_precision_dtype, no_native_bf16_reason, select_device
 
 LOGGER = logging.getLogger(__name__)
 
@@ -181,8 +181,9 @@ def load_backend(
     if half and torch_device.type != "cuda" and not cpu_bf16:
         LOGGER.warning(
             "WARNING: --half needs a CUDA device, or a .pt or OpenVINO model on a CPU with native bfloat16; running "
-            "in FP32 on %s",
+            "in FP32 on %s%s",
             torch_device.type.upper(),
+            f" ({no_native_bf16_reason()})" if torch_device.type == "cpu" and bf16_capable else "",
         )
         half = False
     if weights_format is None:

@@ -101,6 +101,7 @@ from detector.utils.torch_utils import (
     describe_device,
     half_precision_dtype,
     init_seeds,
+    no_native_bf16_reason,
     select_device,
     unwrap_model,
 )
@@ -209,7 +210,7 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"--amp bf16: {describe_device(device)} does not support bfloat16; use --amp fp16")
     if device.type == "cpu" and not cpu_has_native_bf16():
-        LOGGER.warning("WARNING: --amp bf16: this CPU has no native bfloat16; training will be much slower than fp32")
+        LOGGER.warning(f"WARNING: --amp bf16: {no_native_bf16_reason()}; training will be much slower than fp32")
     return torch.bfloat16
 
 

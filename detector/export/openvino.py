@@ -78,13 +78,13 @@ def inference_precision(half: bool) -> str:
     """OpenVINO's CPU inference precision: "bf16" for ``half`` on a CPU with native bfloat16 (AVX512-BF16, AMX),
     where it runs about 1.6x faster than f32 (yolov5n at 640), else "f32" (OpenVINO's CPU plugin has no fp16
     compute on x86 without AVX512-FP16, and emulated bf16 is slower than f32)."""
-    from detector.utils.torch_utils import cpu_has_native_bf16
+    from detector.utils.torch_utils import cpu_has_native_bf16, no_native_bf16_reason
 
     if not half:
         return "f32"
     if cpu_has_native_bf16():
         return "bf16"
-    LOGGER.warning("WARNING: this CPU has no native bfloat16 (AVX512-BF16 or AMX); OpenVINO runs in f32")
+    LOGGER.warning(f"WARNING: {no_native_bf16_reason()}; OpenVINO runs in f32")
     return "f32"
 
 

@@ -111,6 +111,14 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
+def no_native_bf16_reason() -> str:
+    """Why bf16 would be emulated here, for a warning: the user's oneDNN cap, else the CPU itself."""
+    cap = onednn_isa_cap()
+    if cap in _ISA_CAPS_WITHOUT_BF16:
+        return f"oneDNN is capped at {cap} (ONEDNN_MAX_CPU_ISA), below native bfloat16"
+    return "this CPU has no native bfloat16 (AVX512-BF16 or AMX)"
+
+
 def half_precision_dtype(device: torch.device) -> torch.dtype | None:
     """What --half computes in on ``device``: fp16 on CUDA, bf16 on a CPU with native bf16, else None (fp32)."""
     if device.type == "cuda":

@@ -350,6 +350,14 @@ def test_native_bf16_is_what_onednn_says_it_dispatches_under_an_isa_cap(cap):
     assert f"native: {'bfloat16' in isa[0]}" in result.stdout, (isa[0], result.stdout[-200:])
 
 
+def test_amp_under_an_isa_cap_stays_fp32_and_the_warning_names_the_cap(monkeypatch, caplog):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # oneDNN takes the value in any case
+    assert resolve_amp("auto", torch.device("cpu")) is None
+    with caplog.at_level("WARNING"):
+        assert resolve_amp("bf16", torch.device("cpu")) == torch.bfloat16
+    assert "capped at AVX2 (ONEDNN_MAX_CPU_ISA)" in caplog.text
+
+
 class AutocastSensitive(nn.Module):
     """Gives garbage under autocast, as a broken AMP implementation would."""
 
