@@ -292,6 +292,52 @@ def test_onnx_int8_of_yolov5n_quantizes_silu_inputs_from_the_floor_up(yolov5n_in
     assert floored >= 20  # 35 of the 57 calibrated below -6 at 320
 
 
+def test_onnx_int8_of_yolov5n_concatenates_without_requantizing_and_keeps_its_biases(
+    yolov5n_int8: Path, yolov5n_weights: Path
+) -> None:
+    """Every quantized Concat reads its inputs with its output's scale and zero point (ONNX Runtime's integer Concat
+    then copies them instead of re-quantizing each); the convolutions reading a tensor whose scale that changed keep
+    their float biases (the fused PyTorch model's, within half a bias step) with the bias scale ONNX Runtime fuses:
+    the input scale times the weight scale, in float32."""
+    from detector.models.loading import load_model
+
+    graph = onnx.load(str(yolov5n_int8)).graph
+    initializers = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    quantizers = {node.input[0]: node for node in graph.node if node.op_type == "QuantizeLinear"}
+
+    def parameters(names: list[str]) -> tuple[float, int]:
+        return float(initializers[names[0]]), int(initializers[names[1]])
+
+    concatenations = [node for node in graph.node if node.op_type == "Concat" and node.output[0] in quantizers]
+    assert len(concatenations) >= 13  # 8 C3 blocks, SPPF, 4 neck joins
+    for node in concatenations:
+        output = parameters(quantizers[node.output[0]].input[1:3])
+        inputs = [parameters(producers[name].input[1:3]) for name in node.input]
+        assert all(dequantized == output for dequantized in inputs), (node.name, inputs, output)
+
+    fused = dict(load_model(yolov5n_weights, fuse=True).named_modules())
+    checked = 0
+    for node in graph.node:
+        if node.op_type != "Conv" or node.input[1] not in producers:  # the head's float convolutions
+            continue
+        input_scale = initializers[producers[node.input[0]].input[1]]
+        weight_scale = initializers[producers[node.input[1]].input[1]]
+        levels_name, bias_scale_name = producers[node.input[2]].input[:2]
+        bias_scale = initializers[bias_scale_name]
+        np.testing.assert_array_equal(bias_scale, (input_scale * weight_scale).astype(np.float32))
+        # torch's exporter names scopes like /model/model.2/m/m.0/cv1/conv/Conv: a container, then "container.index"
+        scopes = node.name.strip("/").split("/")[:-1]
+        after = [*scopes[1:], ""]
+        path = [scope for scope, next_ in zip(scopes, after, strict=True) if not next_.startswith(f"{scope}.")]
+        module = fused[".".join(path)]
+        expected = module.bias.detach().numpy().astype(np.float64)
+        error = np.abs(initializers[levels_name] * bias_scale.astype(np.float64) - expected)
+        assert np.all(error <= 0.5 * bias_scale + 1e-7), (node.name, float((error / bias_scale).max()))
+        checked += 1
+    assert checked == 57
+
+
 def test_onnx_int8_weights_are_gptq_rounded_except_where_gptq_does_not_apply(tiny: dict, tmp_path: Path) -> None:
     """The trunk's ordinary convolutions get GPTQ's weights (not each one's nearest step: some differ, by a step
     or so, and all stay within [-127, 127]); a grouped convolution keeps ONNX Runtime's round-to-nearest. The
