@@ -191,6 +191,10 @@ def environment(threads: int) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
+    # instruction-set caps (an AVX2-only CPU emulated on a newer one, say: README, Speed and memory) change every figure
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        if os.environ.get(name):
+            info[name.lower()] = os.environ[name]
     try:
         import torch
 

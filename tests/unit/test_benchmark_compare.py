@@ -119,3 +119,13 @@ def test_checkout_and_pip_package_are_told_apart(bench, tmp_path):
     assert bench.find_yolov5(tmp_path) == bench.Yolov5Install(tmp_path.resolve(), is_package=False)
     (tmp_path / "__init__.py").touch()
     assert bench.find_yolov5(tmp_path).is_package
+
+
+def test_environment_records_instruction_set_caps_only_when_set(bench, monkeypatch):
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(name, raising=False)
+    assert not {"onednn_max_cpu_isa", "dnnl_max_cpu_isa", "aten_cpu_capability"} & set(bench.environment(0))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    info = bench.environment(0)
+    assert info["onednn_max_cpu_isa"] == "AVX2" and info["aten_cpu_capability"] == "avx2"
