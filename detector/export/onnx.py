@@ -376,34 +376,74 @@ def _floor_silu_inputs(graph: Any, tensors: Sequence[str]) -> None:
     """Re-quantize each of ``tensors`` (convolution outputs that a SiLU reads) from :data:`SILU_INPUT_FLOOR` up to
     its calibrated maximum where its calibrated minimum lies below the floor (ONNX Runtime's own scale and zero
     point arithmetic; the quantizer and all its dequantizers share them)."""
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    quantizers = {node.input[0]: node for node in graph.node if node.op_type == "QuantizeLinear"}
+    own = _read_with_own_parameters(graph, quantizers)
+    for name in tensors:
+        if name not in own:  # left in float, or a dequantizer with parameters of its own: left as calibrated
+            continue
+        scale_name, zero_point_name = quantizers[name].input[1:3]
+        low, high = _quantized_range(initializers, scale_name, zero_point_name)
+        if low >= SILU_INPUT_FLOOR:
+            continue
+        _set_quantization(
+            initializers,
+            scale_name,
+            zero_point_name,
+            *_quantization_of(initializers, zero_point_name, SILU_INPUT_FLOOR, high),
+        )
+
+
+def _read_with_own_parameters(graph: Any, quantizers: dict[str, Any]) -> set[str]:
+    """The quantized tensors (keys of ``quantizers``) whose every DequantizeLinear reads its quantizer's own scale
+    and zero point initializers: those can be re-quantized by changing the initializers alone."""
+    read: dict[str, set[tuple[str, ...]]] = {}  # a quantizer's output -> the (scale, zero point) names read from it
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear":
+            read.setdefault(node.input[0], set()).add(tuple(node.input[1:3]))
+    return {
+        tensor
+        for tensor, quantizer in quantizers.items()
+        if read.get(quantizer.output[0], set()) <= {tuple(quantizer.input[1:3])}
+    }
+
+
+def _quantized_range(initializers: dict[str, Any], scale_name: str, zero_point_name: str) -> tuple[float, float]:
+    """The real values of the lowest and highest integer level of a quantization (float64)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    scale = numpy_helper.to_array(initializers[scale_name]).astype(np.float64)
+    zero_point = numpy_helper.to_array(initializers[zero_point_name])
+    levels = np.iinfo(zero_point.dtype)
+    low, high = ((level - zero_point.astype(np.float64)) * scale for level in (levels.min, levels.max))
+    return float(low), float(high)
+
+
+def _quantization_of(initializers: dict[str, Any], zero_point_name: str, low: float, high: float) -> tuple[Any, Any]:
+    """ONNX Runtime's float32 scale and zero point for the range [low, high], in the integer type of the zero point
+    ``zero_point_name`` names."""
     import numpy as np
     from onnx import numpy_helper
     from onnxruntime.quantization.quant_utils import compute_scale_zp
 
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    quantizers = {node.input[0]: node for node in graph.node if node.op_type == "QuantizeLinear"}
-    parameters_read: dict[str, list[list[str]]] = {}  # a quantizer's output -> its dequantizers' (scale, zero point)
-    for node in graph.node:
-        if node.op_type == "DequantizeLinear":
-            parameters_read.setdefault(node.input[0], []).append(list(node.input[1:3]))
-    for name in tensors:
-        if name not in quantizers:  # left in float
-            continue
-        quantizer = quantizers[name]
-        scale_name, zero_point_name = quantizer.input[1:3]
-        if any(read != [scale_name, zero_point_name] for read in parameters_read.get(quantizer.output[0], [])):
-            continue  # a dequantizer with parameters of its own: left as calibrated
-        scale = numpy_helper.to_array(initializers[scale_name])
-        zero_point = numpy_helper.to_array(initializers[zero_point_name])
-        levels = np.iinfo(zero_point.dtype)
-        low, high = ((level - zero_point.astype(np.float64)) * scale for level in (levels.min, levels.max))
-        if low >= SILU_INPUT_FLOOR:
-            continue
-        qmin, qmax = (np.array(level, zero_point.dtype) for level in (levels.min, levels.max))
-        floor = np.array(SILU_INPUT_FLOOR, np.float32)
-        zero_point, scale = compute_scale_zp(floor, high.astype(np.float32), qmin, qmax)
-        initializers[scale_name].CopyFrom(numpy_helper.from_array(scale.astype(np.float32), scale_name))
-        initializers[zero_point_name].CopyFrom(numpy_helper.from_array(zero_point.astype(qmin.dtype), zero_point_name))
+    kind = numpy_helper.to_array(initializers[zero_point_name]).dtype
+    levels = np.iinfo(kind)
+    zero_point, scale = compute_scale_zp(
+        np.array(low, np.float32), np.array(high, np.float32), np.array(levels.min, kind), np.array(levels.max, kind)
+    )
+    return scale.astype(np.float32), zero_point.astype(kind)
+
+
+def _set_quantization(
+    initializers: dict[str, Any], scale_name: str, zero_point_name: str, scale: Any, zero_point: Any
+) -> None:
+    """Write ``scale`` and ``zero_point`` into the initializers of those names (shared by a quantizer and its
+    dequantizers)."""
+    from onnx import numpy_helper
+
+    initializers[scale_name].CopyFrom(numpy_helper.from_array(scale, scale_name))
+    initializers[zero_point_name].CopyFrom(numpy_helper.from_array(zero_point, zero_point_name))
 
 
 # operators whose quantized output ONNX Runtime gives the quantization of their first input (so they can run on the
@@ -428,7 +468,6 @@ def _share_concat_quantizers(graph: Any, float_model: Any) -> None:
     """
     import numpy as np
     from onnx import numpy_helper
-    from onnxruntime.quantization.quant_utils import compute_scale_zp
 
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     producers = {output: node for node in graph.node for output in node.output}
@@ -443,33 +482,18 @@ def _share_concat_quantizers(graph: Any, float_model: Any) -> None:
     def array(name: str) -> Any:
         return numpy_helper.to_array(initializers[name])
 
-    def set_array(name: str, value: Any) -> None:
-        initializers[name].CopyFrom(numpy_helper.from_array(value, name))
-
     new_scales: dict[str, Any] = {}  # tensor -> its new scale (float32)
-    for members in _concat_groups(graph):
+    for members in _concat_groups(graph, producers, quantizers):
         parameters = [quantizers[tensor].input[1:3] for tensor in members]  # (scale, zero point) initializer names
-        zero_point_type = array(parameters[0][1]).dtype
-        if any(array(zero_point_name).dtype != zero_point_type for _, zero_point_name in parameters):
+        if len({array(zero_point_name).dtype for _, zero_point_name in parameters}) > 1:
             continue  # uint8 and int8 activations side by side: left as calibrated
-        levels = np.iinfo(zero_point_type)
-        lows, highs = [], []
-        for scale_name, zero_point_name in parameters:
-            scale, zero_point = float(array(scale_name)), float(array(zero_point_name))
-            lows.append((levels.min - zero_point) * scale)
-            highs.append((levels.max - zero_point) * scale)
-        zero_point, scale = compute_scale_zp(
-            np.array(min(lows), np.float32),
-            np.array(max(highs), np.float32),
-            np.array(levels.min, zero_point_type),
-            np.array(levels.max, zero_point_type),
-        )
+        lows, highs = zip(*(_quantized_range(initializers, *names) for names in parameters), strict=True)
+        scale, zero_point = _quantization_of(initializers, parameters[0][1], min(lows), max(highs))
         if float(scale) > MAX_SHARED_STEP_RATIO * min(float(array(scale_name)) for scale_name, _ in parameters):
             continue
-        for tensor, (scale_name, zero_point_name) in zip(members, parameters, strict=True):
-            set_array(scale_name, scale.astype(np.float32))
-            set_array(zero_point_name, zero_point.astype(zero_point_type))
-            new_scales[tensor] = scale.astype(np.float32)
+        for tensor, names in zip(members, parameters, strict=True):
+            _set_quantization(initializers, *names, scale, zero_point)
+            new_scales[tensor] = scale
     for node in graph.node:  # the int32 biases: scale = input scale x weight scale, as ONNX Runtime fuses them
         source = _quantized_source(node.input[0], producers) if node.op_type == "Conv" else None
         if source not in new_scales or node.name not in float_biases:
@@ -480,8 +504,8 @@ def _share_concat_quantizers(graph: Any, float_model: Any) -> None:
         levels_name, bias_scale_name = bias_dequantizer.input[:2]
         bias_scale = (new_scales[source] * array(weight_dequantizer.input[1])).astype(np.float32)
         bias_levels = np.round(float_biases[node.name].astype(np.float64) / bias_scale.astype(np.float64))
-        set_array(levels_name, bias_levels.astype(np.int32))
-        set_array(bias_scale_name, bias_scale)
+        initializers[levels_name].CopyFrom(numpy_helper.from_array(bias_levels.astype(np.int32), levels_name))
+        initializers[bias_scale_name].CopyFrom(numpy_helper.from_array(bias_scale, bias_scale_name))
 
 
 def _quantized_source(tensor: str, producers: dict[str, Any]) -> str | None:
@@ -493,17 +517,13 @@ def _quantized_source(tensor: str, producers: dict[str, Any]) -> str | None:
     return quantizer.input[0] if quantizer is not None and quantizer.op_type == "QuantizeLinear" else None
 
 
-def _concat_groups(graph: Any) -> list[list[str]]:
+def _concat_groups(graph: Any, producers: dict[str, Any], quantizers: dict[str, Any]) -> list[list[str]]:
     """The quantized tensors that Concat, Resize and MaxPool nodes link (each node's quantized inputs - the first
     only for Resize and MaxPool - with its quantized output), as groups of two or more whose quantizers' parameters
     nothing outside the group reads or shares (ONNX Runtime gives Resize and MaxPool outputs their input's
-    initializers): each group can share one scale and zero point."""
-    producers = {output: node for node in graph.node for output in node.output}
-    quantizers = {node.input[0]: node for node in graph.node if node.op_type == "QuantizeLinear"}
-    parameters_read: dict[str, set[tuple[str, ...]]] = {}  # a quantizer's output -> the parameters read from it
-    for node in graph.node:
-        if node.op_type == "DequantizeLinear":
-            parameters_read.setdefault(node.input[0], set()).add(tuple(node.input[1:3]))
+    initializers): each group can share one scale and zero point. ``producers`` maps each tensor to the node
+    writing it, ``quantizers`` each quantized tensor to its QuantizeLinear."""
+    own = _read_with_own_parameters(graph, quantizers)
     parent: dict[str, str] = {}  # union-find
 
     def root(tensor: str) -> str:
@@ -530,8 +550,7 @@ def _concat_groups(graph: Any) -> list[list[str]]:
         for members in groups.values()
         if len(members) > 1
         and all(
-            parameters_read.get(quantizers[tensor].output[0], set()) <= {tuple(quantizers[tensor].input[1:3])}
-            and all(users[name] <= set(members) for name in quantizers[tensor].input[1:3])
+            tensor in own and all(users[name] <= set(members) for name in quantizers[tensor].input[1:3])
             for tensor in members
         )
     ]
