@@ -657,6 +657,8 @@ class VariantSummary:
     delta_map50: float | None  # mean minus the baseline's mean
     delta_map: float | None
     verdict: str
+    # seeds where this variant's mAP50-95 is above the baseline's run of the same seed, of the seeds both finished
+    seeds_above: tuple[int, int] | None
     train_seconds: float | None  # of the fastest finished run (see summarize)
     images_per_second: float | None
 
@@ -699,6 +701,11 @@ def summarize(rows: Sequence[Mapping[str, str]], order: Sequence[str] = ()) -> l
     def estimate(name: str, column: str) -> Estimate | None:
         return Estimate.of([float(row[column]) for row in by_name[name] if row["status"] == "ok"])
 
+    def by_seed(name: str) -> dict[str, float]:
+        return {row["seed"]: float(row["mAP50-95"]) for row in by_name.get(name, []) if row["status"] == "ok"}
+
+    base_by_seed = by_seed(BASELINE)
+
     base_map50, base_map = estimate(BASELINE, "mAP50"), estimate(BASELINE, "mAP50-95")
     summaries = []
     for name in names:
@@ -706,6 +713,8 @@ def summarize(rows: Sequence[Mapping[str, str]], order: Sequence[str] = ()) -> l
         fastest = max(finished, key=lambda row: float(row["images_per_second"]), default=None)
         map50, map_ = estimate(name, "mAP50"), estimate(name, "mAP50-95")
         is_base = name == BASELINE
+        paired = {seed: value for seed, value in by_seed(name).items() if seed in base_by_seed}
+        above = sum(value > base_by_seed[seed] for seed, value in paired.items())
         summaries.append(
             VariantSummary(
                 name=name,
@@ -717,6 +726,7 @@ def summarize(rows: Sequence[Mapping[str, str]], order: Sequence[str] = ()) -> l
                 delta_map50=None if is_base or map50 is None or base_map50 is None else map50.mean - base_map50.mean,
                 delta_map=None if is_base or map_ is None or base_map is None else map_.mean - base_map.mean,
                 verdict=VERDICT_BASELINE if is_base and map_ is not None else verdict(map_, base_map),
+                seeds_above=None if is_base or not paired else (above, len(paired)),
                 train_seconds=float(fastest["train_seconds"]) if fastest else None,
                 images_per_second=float(fastest["images_per_second"]) if fastest else None,
             )
@@ -748,18 +758,21 @@ def markdown_report(
         "Δ is the difference of the means to the baseline. The "
         f"verdict is on mAP50-95: *{VERDICT_NO_EFFECT}* when |Δ| is inside the combined spread (the trick's plus the "
         f"baseline's), else *{VERDICT_BETTER}* or *{VERDICT_WORSE}*; *{VERDICT_TOO_FEW}* with fewer than 2 finished "
-        "runs on either side. Train s and img/s are the training time (validation excluded) and images trained per "
+        "runs on either side. Seeds above: in how many of the seeds both finished the trick's run scored a higher "
+        "mAP50-95 than the baseline's run of the same seed (shown beside the verdict, not part of it). "
+        "Train s and img/s are the training time (validation excluded) and images trained per "
         "second of the trick's fastest run (other load and cold disk caches only slow a run down).",
         "",
-        "| trick | overrides | runs | mAP50 | Δ mAP50 | mAP50-95 | Δ mAP50-95 | verdict | train s | img/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| trick | overrides | runs | mAP50 | Δ mAP50 | mAP50-95 | Δ mAP50-95 | verdict | seeds above | train s "
+        "| img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         runs = f"{s.finished}/{s.finished + s.failed}"
         lines.append(
             f"| {s.name} | {_code(s.overrides)} | {runs} | {_estimate(s.map50)} | {_delta(s.delta_map50)} | "
-            f"{_estimate(s.map)} | {_delta(s.delta_map)} | {s.verdict} | {_number(s.train_seconds, '.1f')} | "
-            f"{_number(s.images_per_second, '.1f')} |"
+            f"{_estimate(s.map)} | {_delta(s.delta_map)} | {s.verdict} | {_seeds_above(s.seeds_above)} | "
+            f"{_number(s.train_seconds, '.1f')} | {_number(s.images_per_second, '.1f')} |"
         )
     failed = [row for row in rows if row["status"] != "ok"]
     if failed:
@@ -775,6 +788,10 @@ def _code(text: str) -> str:
 
 def _estimate(value: Estimate | None) -> str:
     return "" if value is None else f"{value.mean:.4f} ± {value.spread:.4f}"
+
+
+def _seeds_above(value: tuple[int, int] | None) -> str:
+    return "" if value is None else f"{value[0]}/{value[1]}"
 
 
 def _delta(value: float | None) -> str:

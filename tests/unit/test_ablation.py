@@ -219,6 +219,8 @@ def test_summary_against_hand_computed_values():
     assert halfway.map.mean == 0.40 and halfway.train_seconds == 10.0  # failed runs count nowhere
     broken = summaries["broken"]
     assert (broken.map, broken.verdict, broken.train_seconds) == (None, "failed", None)
+    # paired by seed: each variant's run against the baseline's run of the same seed (0.30 and 0.32)
+    assert [summaries[name].seeds_above for name in summaries] == [None, (2, 2), (2, 2), (0, 2), (1, 1), None]
 
 
 def test_verdict_edges():
@@ -245,17 +247,21 @@ def test_markdown_table():
     assert "spread = half the min-max range" in text and "3 epochs, imgsz 320, batch 16" in text
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("| trick"))
-    assert (
-        header == "| trick | overrides | runs | mAP50 | Δ mAP50 | mAP50-95 | Δ mAP50-95 | verdict | train s | img/s |"
+    assert header == (
+        "| trick | overrides | runs | mAP50 | Δ mAP50 | mAP50-95 | Δ mAP50-95 | verdict | seeds above | train s "
+        "| img/s |"
     )
     table = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ") and "---" not in line}
-    assert table[BASELINE] == "| baseline |  | 2/2 | 0.5100 ± 0.0100 |  | 0.3100 ± 0.0100 |  | baseline | 8.0 | 60.0 |"
-    assert table["better"] == (
-        "| better | `x.better=1` | 2/2 | 0.5400 ± 0.0100 | +0.0300 | 0.3400 ± 0.0100 | +0.0300 | better | 8.0 | 60.0 |"
+    assert table[BASELINE] == (
+        "| baseline |  | 2/2 | 0.5100 ± 0.0100 |  | 0.3100 ± 0.0100 |  | baseline |  | 8.0 | 60.0 |"
     )
-    assert "| no effect |" in table["same"] and "| -0.0500 | worse |" in table["worse"]
-    assert "| 1/2 |" in table["halfway"] and "too few runs" in table["halfway"]
-    assert table["broken"] == "| broken | `x.broken=1` | 0/1 |  |  |  |  | failed |  |  |"
+    assert table["better"] == (
+        "| better | `x.better=1` | 2/2 | 0.5400 ± 0.0100 | +0.0300 | 0.3400 ± 0.0100 | +0.0300 | better | 2/2 | 8.0 "
+        "| 60.0 |"
+    )
+    assert "| no effect | 2/2 |" in table["same"] and "| -0.0500 | worse | 0/2 |" in table["worse"]
+    assert "| 1/2 |" in table["halfway"] and "| too few runs | 1/1 |" in table["halfway"]
+    assert table["broken"] == "| broken | `x.broken=1` | 0/1 |  |  |  |  | failed |  |  |  |"
     assert "- halfway seed 1: RuntimeError: out of memory" in text
     assert "python scripts/ablate.py --tricks better same --epochs 3" in text
 
