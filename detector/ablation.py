@@ -15,7 +15,8 @@
   plateau schedule), saves no plots or checkpoints, and its row holds its last epoch's validation (the last row of
   its results.csv), the same rule for every variant.
 - **Results** go to ``ablation.csv`` (one row per run, rewritten atomically after each), ``ablation.md`` (mean and
-  spread per trick, the difference to the baseline and a verdict) and ``ablation.png`` (mAP50-95 per trick, error
+  spread per trick, the difference to the baseline, a verdict, and in how many seeds the trick's run beat the
+  baseline's) and ``ablation.png`` (mAP50-95 per trick, error
   bars, the baseline as a line). ``ablation.yaml`` holds the options, so the same command with ``--exist-ok`` (or
   ``--resume DIR``) continues a killed ablation, skipping the runs already finished.
 - **Backends**: runs one after another in this process, or several at once as Ray tasks (``backend="ray"``), on a
@@ -702,7 +703,7 @@ def summarize(rows: Sequence[Mapping[str, str]], order: Sequence[str] = ()) -> l
         return Estimate.of([float(row[column]) for row in by_name[name] if row["status"] == "ok"])
 
     def by_seed(name: str) -> dict[str, float]:
-        return {row["seed"]: float(row["mAP50-95"]) for row in by_name.get(name, []) if row["status"] == "ok"}
+        return {row["seed"]: float(row["mAP50-95"]) for row in by_name[name] if row["status"] == "ok"}
 
     base_by_seed = by_seed(BASELINE)
 
