@@ -15,8 +15,8 @@
   plateau schedule), saves no plots or checkpoints, and its row holds its last epoch's validation (the last row of
   its results.csv), the same rule for every variant.
 - **Results** go to ``ablation.csv`` (one row per run, rewritten atomically after each), ``ablation.md`` (mean and
-  spread per trick, the difference to the baseline, a verdict, and in how many seeds the trick's run beat the
-  baseline's) and ``ablation.png`` (mAP50-95 per trick, error
+  spread per trick, the difference to the baseline, a verdict, in how many seeds the trick's run beat the
+  baseline's, and about how many seeds would resolve that difference) and ``ablation.png`` (mAP50-95 per trick, error
   bars, the baseline as a line). ``ablation.yaml`` holds the options, so the same command with ``--exist-ok`` (or
   ``--resume DIR``) continues a killed ablation, skipping the runs already finished.
 - **Backends**: runs one after another in this process, or several at once as Ray tasks (``backend="ray"``), on a
@@ -30,8 +30,10 @@ import dataclasses
 import difflib
 import functools
 import logging
+import math
 import re
 import shutil
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -660,6 +662,8 @@ class VariantSummary:
     verdict: str
     # seeds where this variant's mAP50-95 is above the baseline's run of the same seed, of the seeds both finished
     seeds_above: tuple[int, int] | None
+    # about how many seeds would resolve the paired difference at 80% power (see seeds_to_resolve); None: < 2 pairs
+    seeds_for_delta: float | None
     train_seconds: float | None  # of the fastest finished run (see summarize)
     images_per_second: float | None
 
@@ -684,6 +688,23 @@ def verdict(trick: Estimate | None, baseline: Estimate | None) -> str:
     if abs(difference) <= trick.spread + baseline.spread + 1e-12:
         return VERDICT_NO_EFFECT
     return VERDICT_BETTER if difference > 0 else VERDICT_WORSE
+
+
+# z for a two-sided 5% test plus z for 80% power (1.96 + 0.84): the usual sample-size rule for a paired difference
+POWER_Z = 2.8
+
+
+def seeds_to_resolve(differences: Sequence[float]) -> float | None:
+    """About how many seeds a paired comparison needs to tell its mean difference from zero (two-sided 5%, 80%
+    power): ``(2.8 * sd / mean)^2`` of the per-seed differences (trick minus baseline, same seed), at least 2;
+    ``inf`` when the mean is 0, None with fewer than 2 differences. A rough guide: few seeds estimate ``sd`` loosely
+    and the normal rule undercounts for small samples, so treat it as a lower bound."""
+    if len(differences) < 2:
+        return None
+    mean = statistics.fmean(differences)
+    if mean == 0:
+        return math.inf
+    return max(2.0, math.ceil((POWER_Z * statistics.stdev(differences) / mean) ** 2 - 1e-9))
 
 
 def summarize(rows: Sequence[Mapping[str, str]], order: Sequence[str] = ()) -> list[VariantSummary]:
@@ -728,6 +749,7 @@ def summarize(rows: Sequence[Mapping[str, str]], order: Sequence[str] = ()) -> l
                 delta_map=None if is_base or map_ is None or base_map is None else map_.mean - base_map.mean,
                 verdict=VERDICT_BASELINE if is_base and map_ is not None else verdict(map_, base_map),
                 seeds_above=None if is_base or not paired else (above, len(paired)),
+                seeds_for_delta=None if is_base else seeds_to_resolve([v - base_by_seed[k] for k, v in paired.items()]),
                 train_seconds=float(fastest["train_seconds"]) if fastest else None,
                 images_per_second=float(fastest["images_per_second"]) if fastest else None,
             )
@@ -761,18 +783,22 @@ def markdown_report(
         f"baseline's), else *{VERDICT_BETTER}* or *{VERDICT_WORSE}*; *{VERDICT_TOO_FEW}* with fewer than 2 finished "
         "runs on either side. Seeds above: in how many of the seeds both finished the trick's run scored a higher "
         "mAP50-95 than the baseline's run of the same seed (shown beside the verdict, not part of it). "
+        "Seeds for Δ: about how many seeds would tell the trick's paired difference (its run minus the baseline's, "
+        "seed by seed) from no difference at 80% power, (2.8 x sd / mean)^2 of those differences: a rough lower "
+        "bound from few seeds, to plan the next run when the verdict is *no effect*. "
         "Train s and img/s are the training time (validation excluded) and images trained per "
         "second of the trick's fastest run (other load and cold disk caches only slow a run down).",
         "",
-        "| trick | overrides | runs | mAP50 | Δ mAP50 | mAP50-95 | Δ mAP50-95 | verdict | seeds above | train s "
-        "| img/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| trick | overrides | runs | mAP50 | Δ mAP50 | mAP50-95 | Δ mAP50-95 | verdict | seeds above | seeds for Δ "
+        "| train s | img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         runs = f"{s.finished}/{s.finished + s.failed}"
         lines.append(
             f"| {s.name} | {_code(s.overrides)} | {runs} | {_estimate(s.map50)} | {_delta(s.delta_map50)} | "
             f"{_estimate(s.map)} | {_delta(s.delta_map)} | {s.verdict} | {_seeds_above(s.seeds_above)} | "
+            f"{_seeds_needed(s.seeds_for_delta)} | "
             f"{_number(s.train_seconds, '.1f')} | {_number(s.images_per_second, '.1f')} |"
         )
     failed = [row for row in rows if row["status"] != "ok"]
@@ -793,6 +819,12 @@ def _estimate(value: Estimate | None) -> str:
 
 def _seeds_above(value: tuple[int, int] | None) -> str:
     return "" if value is None else f"{value[0]}/{value[1]}"
+
+
+def _seeds_needed(value: float | None) -> str:
+    if value is None:
+        return ""
+    return "∞" if math.isinf(value) else f"{value:.0f}"
 
 
 def _delta(value: float | None) -> str:

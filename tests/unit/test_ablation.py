@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib.util
+import math
 import types
 
 import pytest
@@ -26,6 +27,7 @@ from detector.ablation import (
     markdown_report,
     parse_extra,
     prepare,
+    seeds_to_resolve,
     select_variants,
     summarize,
     variant_config,
@@ -221,6 +223,16 @@ def test_summary_against_hand_computed_values():
     assert (broken.map, broken.verdict, broken.train_seconds) == (None, "failed", None)
     # paired by seed: each variant's run against the baseline's run of the same seed (0.30 and 0.32)
     assert [summaries[name].seeds_above for name in summaries] == [None, (2, 2), (2, 2), (0, 2), (1, 1), None]
+    # paired differences: better +0.05, +0.01 (mean 0.03, sd 0.02828): (2.8 x 0.02828 / 0.03)^2 = 6.97 -> 7 seeds;
+    # same +0.015, +0.005 (mean 0.01, sd 0.00707): 3.92 -> 4; worse -0.05, -0.05 (sd 0): the minimum, 2
+    assert [summaries[name].seeds_for_delta for name in summaries] == [None, 7, 4, 2, None, None]
+
+
+def test_seeds_to_resolve():
+    # dropout on the built-in set at lr0 0.01 (README): mean 0.0042, sd 0.061556 -> (2.8 x 0.061556 / 0.0042)^2 = 1684.1
+    assert seeds_to_resolve([0.048, 0.075, -0.016, -0.084, -0.002]) == 1685
+    assert seeds_to_resolve([0.02, -0.02]) == math.inf  # mean 0: no number of seeds resolves it
+    assert seeds_to_resolve([0.02]) is None and seeds_to_resolve([]) is None
 
 
 def test_verdict_edges():
@@ -248,20 +260,20 @@ def test_markdown_table():
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("| trick"))
     assert header == (
-        "| trick | overrides | runs | mAP50 | Δ mAP50 | mAP50-95 | Δ mAP50-95 | verdict | seeds above | train s "
-        "| img/s |"
+        "| trick | overrides | runs | mAP50 | Δ mAP50 | mAP50-95 | Δ mAP50-95 | verdict | seeds above | seeds for Δ "
+        "| train s | img/s |"
     )
     table = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ") and "---" not in line}
     assert table[BASELINE] == (
-        "| baseline |  | 2/2 | 0.5100 ± 0.0100 |  | 0.3100 ± 0.0100 |  | baseline |  | 8.0 | 60.0 |"
+        "| baseline |  | 2/2 | 0.5100 ± 0.0100 |  | 0.3100 ± 0.0100 |  | baseline |  |  | 8.0 | 60.0 |"
     )
     assert table["better"] == (
-        "| better | `x.better=1` | 2/2 | 0.5400 ± 0.0100 | +0.0300 | 0.3400 ± 0.0100 | +0.0300 | better | 2/2 | 8.0 "
-        "| 60.0 |"
+        "| better | `x.better=1` | 2/2 | 0.5400 ± 0.0100 | +0.0300 | 0.3400 ± 0.0100 | +0.0300 | better | 2/2 | 7 "
+        "| 8.0 | 60.0 |"
     )
-    assert "| no effect | 2/2 |" in table["same"] and "| -0.0500 | worse | 0/2 |" in table["worse"]
+    assert "| no effect | 2/2 | 4 |" in table["same"] and "| -0.0500 | worse | 0/2 | 2 |" in table["worse"]
     assert "| 1/2 |" in table["halfway"] and "| too few runs | 1/1 |" in table["halfway"]
-    assert table["broken"] == "| broken | `x.broken=1` | 0/1 |  |  |  |  | failed |  |  |  |"
+    assert table["broken"] == "| broken | `x.broken=1` | 0/1 |  |  |  |  | failed |  |  |  |  |"
     assert "- halfway seed 1: RuntimeError: out of memory" in text
     assert "python scripts/ablate.py --tricks better same --epochs 3" in text
 
