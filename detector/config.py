@@ -570,23 +570,26 @@ def resolve_train_config(flags: Mapping[str, Any], source: str = "command line")
     YOLOv5's alias of ``lr_schedule: cosine``. Nothing is read but YAML files and, for --resume, the checkpoint.
     """
     layers = _train_config_layers(flags, source)
-    config = build_config(TrainConfig, *layers)
+    config = build_config(TrainConfig, *_sizes_together(layers))
     if config.resume:
         config = _resume_train_config(config, layers)
     elif is_builtin_data(config.data):
-        config = build_config(TrainConfig, (str(BUILTIN_TRAIN_CONFIG), _builtin_recipe(layers)), *layers)
+        recipe = (str(BUILTIN_TRAIN_CONFIG), load_yaml(BUILTIN_TRAIN_CONFIG))
+        config = build_config(TrainConfig, *_sizes_together([recipe, *layers]))
     return apply_aliases(config)
 
 
-def _builtin_recipe(layers: list[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
-    """configs/builtin.yaml, less its ``val_imgsz`` when a later layer sets ``imgsz`` but not ``val_imgsz``: the
-    recipe's pair of sizes (train smaller than it validates) goes together, so ``--img 320`` alone trains and
-    validates at 320."""
-    recipe = load_yaml(BUILTIN_TRAIN_CONFIG)
-    given = _given_keys(layers)
-    if "imgsz" in given and "val_imgsz" not in given:
-        recipe.pop("val_imgsz", None)
-    return recipe
+def _sizes_together(layers: list[tuple[str, Mapping[str, Any]]]) -> list[tuple[str, Mapping[str, Any]]]:
+    """The layers, each less its ``val_imgsz`` when a later layer sets ``imgsz`` and none sets ``val_imgsz``: a
+    layer's pair of sizes (the built-in recipe trains at 256 and validates at 320) goes together, so ``--img 640``
+    over ``--config configs/builtin.yaml`` trains and validates at 640, as ``--img`` alone does in YOLOv5."""
+    result = []
+    for index, (source, values) in enumerate(layers):
+        later = _given_keys(layers[index + 1 :])
+        if "imgsz" in later and "val_imgsz" not in later:
+            values = {key: value for key, value in values.items() if str(key).replace("-", "_") != "val_imgsz"}
+        result.append((source, values))
+    return result
 
 
 def _given_keys(layers: list[tuple[str, Mapping[str, Any]]]) -> set[str]:

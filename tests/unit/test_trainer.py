@@ -105,6 +105,23 @@ def test_builtin_recipe_sizes_go_together():
     assert resolve_train_config({"data": "my.yaml"}).val_imgsz == 0  # other datasets: validate at --imgsz
 
 
+def test_a_config_files_sizes_go_together_too(tmp_path):
+    """The built-in recipe on your data (--config configs/builtin.yaml): --img alone sets both sizes there too."""
+    recipe = load_yaml(BUILTIN_TRAIN_CONFIG)
+    config = str(BUILTIN_TRAIN_CONFIG)
+    as_is = resolve_train_config({"data": "my.yaml", "config": config})
+    assert (as_is.imgsz, as_is.val_imgsz) == (recipe["imgsz"], recipe["val_imgsz"])
+    mine = resolve_train_config({"data": "my.yaml", "config": config, "imgsz": 640})
+    assert (mine.imgsz, mine.val_imgsz, mine.optimizer) == (640, 0, recipe["optimizer"])  # the rest stays
+    both = resolve_train_config({"data": "my.yaml", "config": config, "imgsz": 640, "val_imgsz": 704})
+    assert (both.imgsz, both.val_imgsz) == (640, 704)
+    # a later layer's own pair stands; the earlier layer's val size goes with the earlier layer's imgsz
+    later = tmp_path / "later.yaml"
+    later.write_text("imgsz: 416\nval-imgsz: 480\n")
+    stacked = resolve_train_config({"data": "my.yaml", "config": str(later), "imgsz": 320})
+    assert (stacked.imgsz, stacked.val_imgsz) == (320, 0)
+
+
 def test_resolve_train_config_rejects_typos_with_suggestion():
     with pytest.raises(ConfigError, match="did you mean 'epochs'"):
         resolve_train_config({"epoch": 3})
