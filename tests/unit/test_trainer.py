@@ -115,7 +115,7 @@ def test_a_config_files_sizes_go_together_too(tmp_path):
     assert (mine.imgsz, mine.val_imgsz, mine.optimizer) == (640, 0, recipe["optimizer"])  # the rest stays
     both = resolve_train_config({"data": "my.yaml", "config": config, "imgsz": 640, "val_imgsz": 704})
     assert (both.imgsz, both.val_imgsz) == (640, 704)
-    # a later layer's own pair stands; the earlier layer's val size goes with the earlier layer's imgsz
+    # any config file's pair: a later --img replaces its imgsz, and its val size goes with it
     later = tmp_path / "later.yaml"
     later.write_text("imgsz: 416\nval-imgsz: 480\n")
     stacked = resolve_train_config({"data": "my.yaml", "config": str(later), "imgsz": 320})
