@@ -735,8 +735,8 @@ def summarize(rows: Sequence[Mapping[str, str]], order: Sequence[str] = ()) -> l
         fastest = max(finished, key=lambda row: float(row["images_per_second"]), default=None)
         map50, map_ = estimate(name, "mAP50"), estimate(name, "mAP50-95")
         is_base = name == BASELINE
-        paired = {seed: value for seed, value in by_seed(name).items() if seed in base_by_seed}
-        above = sum(value > base_by_seed[seed] for seed, value in paired.items())
+        # this variant's run minus the baseline's run of the same seed, over the seeds both finished
+        differences = [value - base_by_seed[seed] for seed, value in by_seed(name).items() if seed in base_by_seed]
         summaries.append(
             VariantSummary(
                 name=name,
@@ -748,8 +748,8 @@ def summarize(rows: Sequence[Mapping[str, str]], order: Sequence[str] = ()) -> l
                 delta_map50=None if is_base or map50 is None or base_map50 is None else map50.mean - base_map50.mean,
                 delta_map=None if is_base or map_ is None or base_map is None else map_.mean - base_map.mean,
                 verdict=VERDICT_BASELINE if is_base and map_ is not None else verdict(map_, base_map),
-                seeds_above=None if is_base or not paired else (above, len(paired)),
-                seeds_for_delta=None if is_base else seeds_to_resolve([v - base_by_seed[k] for k, v in paired.items()]),
+                seeds_above=None if is_base or not differences else (sum(d > 0 for d in differences), len(differences)),
+                seeds_for_delta=None if is_base else seeds_to_resolve(differences),
                 train_seconds=float(fastest["train_seconds"]) if fastest else None,
                 images_per_second=float(fastest["images_per_second"]) if fastest else None,
             )
