@@ -587,14 +587,19 @@ def _sizes_together(layers: list[tuple[str, Mapping[str, Any]]]) -> list[tuple[s
     for index, (source, values) in enumerate(layers):
         later = _given_keys(layers[index + 1 :])
         if "imgsz" in later and "val_imgsz" not in later:
-            values = {key: value for key, value in values.items() if str(key).replace("-", "_") != "val_imgsz"}
+            values = {key: value for key, value in values.items() if _key_name(key) != "val_imgsz"}
         result.append((source, values))
     return result
 
 
 def _given_keys(layers: list[tuple[str, Mapping[str, Any]]]) -> set[str]:
     """The top-level TrainConfig keys the layers set (``hyp.lr0`` counts as ``hyp``; dashes as underscores)."""
-    return {str(key).replace("-", "_").split(".")[0] for _, values in layers for key in values}
+    return {_key_name(key) for _, values in layers for key in values}
+
+
+def _key_name(key: object) -> str:
+    """A layer's key as the TrainConfig field it sets: dashes as underscores, ``hyp.lr0`` as ``hyp``."""
+    return str(key).replace("-", "_").split(".")[0]
 
 
 def apply_aliases(config: TrainConfig) -> TrainConfig:
